@@ -1,0 +1,105 @@
+"""Datasets that ship with an installed package (sklearn digits, the 2-D toys) as deterministic batch streams.
+
+A batch is a pure function of (seed, step): the stream holds no position of its own (the trainer holds the step),
+so a resumed run, and 1 or N processes, see exactly the same global batch. Each process slices its own rows out of
+the global batch, the same way ``objectives.randomness.StepRandom`` slices its draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from meanflow.data_pipeline import digits
+from meanflow.data_pipeline.toys2d import TOY_NAMES, sample_toy
+
+EMBEDDED_NAMES: tuple[str, ...] = ("digits", *TOY_NAMES)
+
+
+def _seed(*parts: object) -> int:
+    # Stable across processes (Python's hash() is salted). Kept local: data_pipeline must not import objectives.
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _generator(*parts: object) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_seed(*parts))
+    return g
+
+
+class EmbeddedStream:
+    """Global batches of an embedded dataset.
+
+    digits: epochs are consecutive permutations of the train split, one per (seed, epoch); global sample index i
+    is item i % N of epoch i // N's permutation, so a batch may straddle two epochs and every epoch visits every
+    train image once. toys: fresh samples from a generator seeded by (seed, step), y is None.
+    """
+
+    def __init__(self, name: str, global_batch: int, seed: int):
+        if name not in EMBEDDED_NAMES:
+            raise ValueError(f"unknown data.name {name!r}; embedded datasets: {', '.join(EMBEDDED_NAMES)}")
+        if global_batch <= 0:
+            raise ValueError(f"global batch must be positive, got {global_batch}")
+        self._name, self.batch_size, self.seed = name, int(global_batch), int(seed)
+        if name == "digits":
+            self._train_x, self._train_y = digits.load_digits_split("train")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return digits.IMAGE_SHAPE if self._name == "digits" else (2,)
+
+    @property
+    def num_classes(self) -> int:
+        return digits.NUM_CLASSES if self._name == "digits" else 0
+
+    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
+        n = len(self._train_y)
+        return torch.randperm(n, generator=_generator(self.seed, "digits-epoch", epoch))
+
+    def global_batch(self, step: int) -> dict[str, torch.Tensor | None]:
+        """The whole global batch of ``step``: x (B, *sample_shape), y (B,) or None, index (B,) global indices."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        index = step * self.batch_size + torch.arange(self.batch_size)
+        if self._name != "digits":
+            x = sample_toy(self._name, self.batch_size, _generator(self.seed, "toy", self._name, step))
+            return dict(x=x, y=None, index=index)
+        n = len(self._train_y)
+        epoch, pos = index // n, index % n
+        rows = torch.empty_like(index)
+        for e in torch.unique(epoch).tolist():  # at most ceil(B / N) + 1 epochs per batch
+            mask = epoch == e
+            rows[mask] = self._epoch_permutation(e)[pos[mask]]
+        return dict(x=self._train_x[rows], y=self._train_y[rows], index=index)
+
+    def real_samples(self, n: int, seed: int = 0) -> torch.Tensor:
+        """Reference samples for evaluation: toys draw n fresh points (from ``seed``, independent of the training
+        stream); digits return the first n test-split images (``seed`` unused; at most 360, else ValueError, so a
+        metric never silently compares sets of different sizes)."""
+        if self._name != "digits":
+            return sample_toy(self._name, n, _generator(seed, "real", self._name))
+        x, _ = digits.load_digits_split("test")
+        if n > len(x):
+            raise ValueError(f"digits test split has {len(x)} images; asked for {n} real samples")
+        return x[:n]
+
+    def state_dict(self) -> dict[str, object]:
+        # No position: the trainer's step is the cursor. These keys only guard against resuming with other data.
+        return {"name": self._name, "seed": self.seed, "global_batch": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        mine = self.state_dict()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"checkpoint data stream differs from config (checkpoint, config): {diff}")
+
+
+def build_embedded_stream(name: str, global_batch: int, seed: int) -> EmbeddedStream:
+    """Stream for ``data.name`` in {"digits"} and the 2-D toys."""
+    return EmbeddedStream(name, global_batch, seed)

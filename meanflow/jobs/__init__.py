@@ -1,0 +1,1 @@
+"""Jobs: the training and evaluation callables and the submit command's logic."""

@@ -1,0 +1,139 @@
+"""MF-DiT: DiT with adaLN-zero conditioning on (t, h = t - r, y), as used by MeanFlow (OBJECTIVES.md §2).
+
+Follows facebookresearch/DiT `models.py` layer by layer; the differences are a second timestep embedder for
+h = t - r, no learned sigma (out channels = in channels), no label dropout inside the model, and the fixed
+position embedding kept as a buffer rather than a frozen parameter.
+"""
+
+import torch
+from torch import nn
+
+from .attention import attention
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+
+
+def modulate(x_BLD, shift_BD, scale_BD):
+    return x_BLD * (1 + scale_BD.unsqueeze(1)) + shift_BD.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """timm-style multi-head self-attention with a fused, biased qkv projection."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x_BLD):
+        B, L, D = x_BLD.shape
+        qkv = self.qkv(x_BLD).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])  # (B, H, L, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorm shift/scale and residual gates come from c (adaLN-zero)."""
+
+    def __init__(self, width, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(width, int(width * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x_BLD, c_BD):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
+        x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BLD), shift_msa, scale_msa))
+        x_BLD = x_BLD + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x_BLD), shift_mlp, scale_mlp))
+        return x_BLD
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Final layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x_BLD, c_BD):
+        shift, scale = self.adaLN_modulation(c_BD).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x_BLD), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MFDiT(nn.Module):
+    """u_theta(x, r, t | y): c = emb_t(t) + emb_h(t - r) + emb_y(y); returns u with the shape of x."""
+
+    def __init__(self, *, image_size, patch_size, in_channels, num_classes, depth, width, heads):
+        super().__init__()
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.num_classes = num_classes
+        self.grid_size = image_size // patch_size
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, width)
+        self.t_embedder = TimestepEmbedder(width)
+        self.h_embedder = TimestepEmbedder(width)
+        self.y_embedder = LabelEmbedder(num_classes, width)
+        # Fixed, but persistent so a model built on the meta device recovers it from a checkpoint.
+        self.register_buffer("pos_embed", torch.zeros(1, self.grid_size**2, width))
+        self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+        self.final_layer = FinalLayer(width, patch_size, in_channels)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """DiT's initialisation; call again after `to_empty()` on a model built on the meta device."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size, self.pos_embed.device))
+        self.x_embedder.init_weights()
+        self.y_embedder.init_weights()
+        self.t_embedder.init_weights()
+        self.h_embedder.init_weights()
+        # adaLN-zero: every block starts as the identity and the output as exactly zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, *, t, r, y=None, omega=None):
+        """x: (B, C, H, W); t, r: (B,) with r <= t; y: (B,) labels or None (null); omega is ignored."""
+        B, _, H, W = x.shape
+        tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, L, D)
+        c = self.t_embedder(t) + self.h_embedder(t - r) + self.y_embedder(y, B, x.device)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        out = self.final_layer(tokens, c)  # (B, L, p*p*C)
+        return unpatchify(out, self.patch_size, self.in_channels, H, W)

@@ -1,0 +1,37 @@
+"""Training objectives of the MeanFlow family (OBJECTIVES.md) and their samplers.
+
+Each objective is ``objective(model, batch, step, ctx) -> (loss, stats)``; build one from config with
+``build_objective``. Every JVP goes through ``meanflow.objectives.jvp``.
+"""
+
+from __future__ import annotations
+
+from .base import Objective, ObjectiveContext
+from .flow_matching import FlowMatching
+from .imf import ImprovedMeanFlow
+from .jvp import jvp
+from .meanflow import MeanFlow, SGLambda
+from .samplers import guidance_conditions, sample, sample_noise
+from .stability import NonExpansivity
+from .tangent_beta import TangentBeta
+
+OBJECTIVES = {"fm": FlowMatching, "mf": MeanFlow, "sg_lambda": SGLambda, "imf": ImprovedMeanFlow,
+              "tangent_beta": TangentBeta}
+NAMES = (*OBJECTIVES, "stability")
+
+
+def build_objective(cfg, num_classes: int = 0) -> Objective:
+    """``cfg`` is the ``objective`` config section; ``stability`` wraps ``cfg.stability.base``."""
+    if cfg.name == "stability":
+        base = cfg.stability.base
+        if base not in OBJECTIVES:
+            raise ValueError(f"objective.stability.base: unknown {base!r}; known: {', '.join(OBJECTIVES)}")
+        return NonExpansivity(OBJECTIVES[base](cfg, num_classes), cfg.stability)
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"objective.name: unknown {cfg.name!r}; known: {', '.join(NAMES)}")
+    return OBJECTIVES[cfg.name](cfg, num_classes)
+
+
+__all__ = ["Objective", "ObjectiveContext", "build_objective", "jvp", "sample", "sample_noise",
+           "guidance_conditions", "FlowMatching", "MeanFlow", "SGLambda", "NonExpansivity", "ImprovedMeanFlow",
+           "TangentBeta", "NAMES"]

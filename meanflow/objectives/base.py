@@ -1,0 +1,110 @@
+"""What every objective shares: the call contract, the context, and small helpers.
+
+Contract (DESIGN.md): ``objective(model, batch, step, ctx) -> (loss, stats)``; pure (no optimizer, storage,
+process group or ``.backward()``); ``stats`` is a dict of 0-d tensors with ``loss`` and ``u_norm`` always and
+``jvp_norm`` where a JVP was taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .randomness import StepRandom
+
+
+@dataclass
+class ObjectiveContext:
+    """What an objective may need beyond the model and the batch.
+
+    rows: positions of this micro-batch's rows inside the step's global batch (for seeded draws).
+    marginal_velocity: optional oracle v(z, t) (2-D toys only) for the exact β* diagnostic.
+    """
+
+    seed: int
+    global_batch: int
+    rows: torch.Tensor
+    ema_model: Optional[nn.Module] = None
+    rank: int = 0
+    world_size: int = 1
+    marginal_velocity: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    def random(self, step: int, device: torch.device) -> StepRandom:
+        return StepRandom(self.seed, step, self.global_batch, self.rows, device)
+
+    @classmethod
+    def single_process(cls, batch_size: int, seed: int = 0, **kw: Any) -> "ObjectiveContext":
+        return cls(seed=seed, global_batch=batch_size, rows=torch.arange(batch_size), **kw)
+
+
+@dataclass
+class ObjectiveOutput:
+    """An objective's result plus the forward conditioning a composing term (stability) reuses."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    z: torch.Tensor
+    t: torch.Tensor
+    r: torch.Tensor
+    u: torch.Tensor
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: subclasses implement ``compute``; calling returns ``(loss, stats)``."""
+
+    def compute(self, model: nn.Module, batch: dict, step: int, ctx: ObjectiveContext) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: dict, step: int, ctx: ObjectiveContext):
+        out = self.compute(model, batch, step, ctx)
+        return out.loss, out.stats
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def expand_like(s_B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcastable against x."""
+    return s_B.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def per_sample_sq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares over every element of a sample (OBJECTIVES.md: sum, not mean, over C·H·W)."""
+    return x.pow(2).flatten(1).sum(1)
+
+
+def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1)
+
+
+def adaptive_weighted_loss(delta: torch.Tensor, p: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean(sg(w)·‖Δ‖²)`` with ``w = 1/(‖Δ‖² + c)^p`` (MF's adaptive weight; p = 0 is plain L2).
+
+    Returns (weighted loss, unweighted per-sample squared error).
+    """
+    sq = per_sample_sq(delta)
+    weight = 1.0 / (sq.detach() + c).pow(p) if p else torch.ones_like(sq)
+    return (weight * sq).mean(), sq
+
+
+def model_u(out: Any) -> torch.Tensor:
+    """The average-velocity output of a model that may also return a v-head: (u, v) -> u."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over rows where mask is set; 0 when no row is (a 0-d tensor, never NaN)."""
+    count = mask.sum()
+    return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
+
+
+def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_classes: int):
+    """Replace a random 10% (p) of labels by the null class ``num_classes``. Returns (y_model, dropped mask)."""
+    if y is None:
+        return None, None
+    dropped = rand.uniform("label_drop").lt(p).to(y.device)
+    return torch.where(dropped, torch.full_like(y, num_classes), y), dropped

@@ -1,0 +1,52 @@
+"""Per-step random draws that depend only on (run seed, step, global sample index).
+
+Each named stream ("t_r", "e", "label_drop", ...) draws the *whole global batch* from its own generator seeded by
+(run seed, step, stream name) and keeps this micro-batch's rows. So 1 process and N processes on the same global
+batch draw identical values, a resumed run draws what the uninterrupted one would have, and adding a new stream
+never shifts an existing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def stream_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any printable parts (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class StepRandom:
+    """Random draws for one optimizer step, sliced to the rows this process computes.
+
+    rows: positions of the local micro-batch inside the global batch, shape (B_local,).
+    """
+
+    def __init__(self, seed: int, step: int, global_batch: int, rows: torch.Tensor, device: torch.device):
+        if rows.numel() and int(rows.max()) >= global_batch:
+            raise ValueError(f"row {int(rows.max())} outside the global batch of {global_batch}")
+        self.seed, self.step, self.global_batch = seed, step, global_batch
+        self.rows = rows.to(device)
+        self.device = torch.device(device)
+
+    def _generator(self, stream: str) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(stream_seed(self.seed, self.step, stream))
+        return gen
+
+    def normal(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        full = torch.randn(self.global_batch, *shape, generator=self._generator(stream), device=self.device,
+                           dtype=dtype)
+        return full[self.rows]
+
+    def uniform(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+        full = torch.rand(self.global_batch, *shape, generator=self._generator(stream), device=self.device,
+                          dtype=dtype)
+        return full[self.rows]
+
+    def first_share(self, share: float) -> torch.Tensor:
+        """Bool mask of local rows among the first ⌊share·B_global⌋ of the global batch (a fixed count)."""
+        return self.rows < int(share * self.global_batch)

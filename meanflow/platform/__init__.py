@@ -1,0 +1,1 @@
+"""Platform: config, engines, checkpoints, metrics — everything between the math and the cluster."""

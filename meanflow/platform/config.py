@@ -1,0 +1,352 @@
+"""Structured run configuration: dataclass schema + ``configs/<name>.yaml`` + dotlist overrides.
+
+Every field has a docstring (the string under it). Loading validates against the schema: an unknown key or a
+wrong type raises ``ConfigError`` naming the key and the file (or the command-line override) it came from; the
+CLI turns that into exit code 2. The resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and where it came from."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; the default run directory is ./runs/<name>."""
+    run_dir: str = "file://./runs/${run.name}"
+    """fsspec URL of the run directory (file://, s3://, memory://). Holds config, metrics, checkpoints, samples."""
+    seed: int = 0
+    """Run seed: every random draw is seeded by (seed, step, global sample index)."""
+    steps: int = 1000
+    """Optimizer steps to train."""
+    log_every: int = 50
+    """Steps between progress lines and metrics records."""
+    resume: bool = False
+    """Continue from the newest committed checkpoint in run_dir. Without it, a run_dir with checkpoints is refused."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mf_dit"
+    """mf_dit (adaLN-zero, MF), imf_dit (in-context tokens, iMF), or mlp (2-D toys)."""
+    size: str = "tiny"
+    """tiny (CPU), S, B, M, L, XL. MF-DiT and iMF-DiT share names but not shapes (OBJECTIVES.md)."""
+    patch_size: int = 2
+    """Patch size: 2, 4 or 8."""
+    image_size: int = 8
+    """Input height = width (latent size for latent models)."""
+    in_channels: int = 1
+    """Input channels (4 for SD-VAE latents)."""
+    num_classes: int = 0
+    """Number of classes; 0 = unconditional. The null label is index num_classes."""
+    v_head: bool = False
+    """imf_dit only: add the auxiliary v-head branch (dropped at inference)."""
+    v_head_depth: int = 8
+    """Blocks in the v-head branch (and in the u branch after the shared trunk)."""
+    depth: Optional[int] = None
+    """Override the registry's depth."""
+    width: Optional[int] = None
+    """Override the registry's width."""
+    heads: Optional[int] = None
+    """Override the registry's head count."""
+    mlp_hidden: int = 128
+    """mlp only: hidden width."""
+    mlp_layers: int = 3
+    """mlp only: hidden SiLU layers."""
+    data_dim: int = 2
+    """mlp only: data dimension."""
+
+
+@dataclass
+class TimeSamplerConfig:
+    kind: str = "logit_normal"
+    """logit_normal or uniform."""
+    mu: float = -0.4
+    """Logit-normal mean. MF ImageNet −0.4; MF CIFAR −2.0; iMF −0.4."""
+    sigma: float = 1.0
+    """Logit-normal std. MF ImageNet 1.0; MF CIFAR 2.0; iMF 1.0."""
+    share_r_eq_t: float = 0.75
+    """Share of the global batch (a fixed count, first rows) with r = t. MF ImageNet 0.75; CIFAR 0.25; iMF 0.5."""
+
+
+@dataclass
+class GuidanceConfig:
+    omega: float = 1.0
+    """MF training CFG ω (v_c weight). ω = 1, κ = 0 turns training CFG off."""
+    kappa: float = 0.0
+    """MF training CFG κ (weight of u(z,t,t|y)); effective scale ω/(1−κ). B/2 default: ω = 1, κ = 0.5."""
+    t_start: float = 0.0
+    """Guidance window start."""
+    t_end: float = 1.0
+    """Guidance window end."""
+
+
+@dataclass
+class SGLambdaConfig:
+    start: float = 0.0
+    """λ at step 0 (λ = 0 is MF's gradient)."""
+    end: float = 1.0
+    """λ after warm-up (λ = 1 differentiates fully through the JVP)."""
+    warmup_steps: int = 5000
+    """Curriculum length T_warmup."""
+    shape: str = "linear"
+    """linear or cosine."""
+
+
+@dataclass
+class StabilityConfig:
+    base: str = "mf"
+    """Base objective the non-expansivity penalty is added to (fm, mf, sg_lambda, imf, tangent_beta)."""
+    delta: float = 0.01
+    """Perturbation size δ. The paper's numbers use an absolute δ = 0.01."""
+    relative_delta: bool = False
+    """Read δ as a fraction of ‖z‖ per sample (absolute δ makes the penalty ~1e-4·(ratio − 1)²)."""
+    mu: float = 0.1
+    """Penalty weight μ; μ ≥ 0.5 collapses quality."""
+    active_until_step: Optional[int] = None
+    """Step at which μ reaches 0 (null: always active)."""
+    decay: str = "none"
+    """Shape of μ's decay to active_until_step: none, linear, cosine."""
+
+
+@dataclass
+class IMFConfig:
+    tangent: str = "v_head"
+    """JVP tangent v_θ: v_head (needs model.v_head), boundary (u(z,t,t)), or v_c (ablation; ω ≡ 1 gives MF)."""
+    s_max: float = 7.0
+    """ω ∈ [1, 1 + s_max]; 0 disables guidance conditioning (ω ≡ 1)."""
+    beta_cfg: float = 1.0
+    """ω density ∝ ω^−β_cfg (1: log-uniform)."""
+    t_min_high: float = 0.5
+    """t_min ~ U[0, t_min_high)."""
+    t_max_low: float = 0.5
+    """t_max ~ U[t_max_low, 1)."""
+
+
+@dataclass
+class TangentBetaConfig:
+    beta: float = 0.5
+    """Tangent (1 − β)·v_c + β·v̂. β = 0 is MF; β = 1 the iMF corner."""
+    proxy: str = "ema"
+    """v̂: ema (EMA model's u(z,t,t)), boundary (u_θ(z,t,t)), v_head."""
+    beta_star_every: int = 100
+    """Log the β* diagnostic every N steps (0: never)."""
+    fm_anchor: float = 0.0
+    """λ_fm of the optional flow-matching anchor (0.1 in the paper; 0 = off)."""
+    anchor_delta: float = 1e-3
+    """Anchor uses r = t − δ, δ ~ U[0, anchor_delta]."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mf"
+    """fm, mf, sg_lambda, stability, imf, tangent_beta."""
+    time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
+    """(t, r) sampler."""
+    weight_p: float = 1.0
+    """Adaptive weight power p in w = 1/(‖Δ‖² + c)^p (0 = plain L2; fm always uses plain L2)."""
+    weight_c: float = 0.01
+    """Adaptive weight constant c."""
+    label_drop: float = 0.1
+    """Share of labels replaced by the null class (class-conditional models)."""
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    """MF training-time CFG."""
+    sg_lambda: SGLambdaConfig = field(default_factory=SGLambdaConfig)
+    """SG_λ curriculum."""
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    """Non-expansivity penalty (name: stability)."""
+    imf: IMFConfig = field(default_factory=IMFConfig)
+    """iMF options."""
+    tangent_beta: TangentBetaConfig = field(default_factory=TangentBetaConfig)
+    """Control-variate tangent options."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Embedded dataset: digits (scikit-learn's 8×8 digits) or a 2-D toy (checkerboard, eight_gaussians, ...)."""
+    global_batch: int = 128
+    """Samples per optimizer step over all processes and micro-batches."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (iMF: β2 = 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear LR warm-up steps."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this (0 = no clipping; the norm is always reported)."""
+    ema_decay: float = 0.999
+    """EMA decay of the weights used for sampling (0 = no EMA)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global_batch must divide evenly)."""
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "single"
+    """single (one process). ddp, fsdp2 and deepspeed arrive with the distributed engines."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, or cuda."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_last: int = 3
+    """Committed checkpoints to keep."""
+
+
+@dataclass
+class GuardConfig:
+    skip_nonfinite: bool = True
+    """Skip (do not apply) a step whose loss or grad norm is NaN/Inf."""
+    max_consecutive_skips: int = 20
+    """Fail the run after this many skipped steps in a row."""
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 4096
+    """Samples generated by the end-of-run evaluation (OBJECTIVES.md: SW on 4096 samples)."""
+    nfe: int = 1
+    """Sampling steps (1-NFE by default)."""
+    seed: int = 1234
+    """Sampling seed: sample i's noise depends only on (seed, i)."""
+    omega: float = 1.0
+    """iMF guidance ω at sampling."""
+    t_min: float = 0.0
+    """iMF guidance window start at sampling."""
+    t_max: float = 1.0
+    """iMF guidance window end at sampling."""
+
+
+@dataclass
+class ClusterConfig:
+    partition: Optional[str] = None
+    """SLURM partition."""
+    account: Optional[str] = None
+    """SLURM account."""
+    qos: Optional[str] = None
+    """SLURM QoS."""
+    time: str = "01:00:00"
+    """Wall-time limit per job."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node (0: CPU)."""
+    setup: List[str] = field(default_factory=list)
+    """Shell lines run before the job (module load ...)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# -------------------------------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """``tiny_imf`` -> configs/tiny_imf.yaml; a path to a .yaml file is taken as is."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = REPO_CONFIGS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))
+        raise ConfigError(f"config {name_or_path!r}: no file {path} (known configs: {known})")
+    return path
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]  # omegaconf appends full_key/reference_type lines
+        raise ConfigError(f"{source}: key '{key}': {reason}") from None
+
+
+def load_config(name_or_path: str, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Schema defaults <- YAML file <- dotlist overrides, validated. Returns a typed, struct-mode DictConfig."""
+    path = resolve_config_path(name_or_path)
+    cfg = OmegaConf.structured(Config)
+    try:
+        yaml_cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    cfg = _merge(cfg, yaml_cfg, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve key '{getattr(err, 'full_key', '?')}': {err}") from None
+    validate(cfg, f"{path} with overrides {overrides}" if overrides else str(path))
+    return cfg
+
+
+CHOICES = {
+    "model.family": ("mf_dit", "imf_dit", "mlp"),
+    "model.size": ("tiny", "S", "B", "M", "L", "XL"),
+    "model.patch_size": (2, 4, 8),
+    "objective.name": ("fm", "mf", "sg_lambda", "stability", "imf", "tangent_beta"),
+    "objective.time.kind": ("logit_normal", "uniform"),
+    "objective.sg_lambda.shape": ("linear", "cosine"),
+    "objective.stability.base": ("fm", "mf", "sg_lambda", "imf", "tangent_beta"),
+    "objective.stability.decay": ("none", "linear", "cosine"),
+    "objective.imf.tangent": ("v_head", "boundary", "v_c"),
+    "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
+    "engine.kind": ("single",),
+    "engine.device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: DictConfig, source: str) -> None:
+    """Checks the schema's types cannot express: choices and cross-field constraints."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+    if cfg.data.global_batch % cfg.optim.grad_accum:
+        raise ConfigError(f"{source}: key 'optim.grad_accum': {cfg.optim.grad_accum} does not divide "
+                          f"data.global_batch = {cfg.data.global_batch}")
+    if not 0.0 <= cfg.objective.time.share_r_eq_t <= 1.0:
+        raise ConfigError(f"{source}: key 'objective.time.share_r_eq_t': must lie in [0, 1]")
+
+
+def save_config(cfg: DictConfig) -> str:
+    """The resolved config as YAML text (written into every run directory)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
