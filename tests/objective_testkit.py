@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -56,7 +56,7 @@ def tiny_dit(family: str = "mf_dit", *, num_classes: int = NUM_CLASSES, v_head: 
     return perturb(build_model(cfg).to(dtype), scale, seed)
 
 
-def tiny_mlp(*, dtype=torch.float64, scale: float = 0.1, seed: int = 0, data_dim: int = 2) -> nn.Module:
+def tiny_mlp(*, dtype=torch.float64, scale: float = 0.5, seed: int = 0, data_dim: int = 2) -> nn.Module:
     torch.manual_seed(seed)
     cfg = SimpleNamespace(family="mlp", data_dim=data_dim, mlp_hidden=16, mlp_layers=2)
     return perturb(build_model(cfg).to(dtype), scale, seed)
@@ -251,7 +251,3 @@ def gaussian_noise_variance(s: float, t: float, d: int) -> float:
 def mc_mean_and_se(values: torch.Tensor) -> tuple[float, float]:
     values = values.to(torch.float64)
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
-
-
-def optional(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.clone()

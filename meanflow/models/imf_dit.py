@@ -15,7 +15,6 @@ from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 
 # Tokens per condition, in prefix order: class, omega, t_min, t_max, h.
 PREFIX_TOKENS = (8, 4, 2, 2, 4)
-PREFIX_LEN = sum(PREFIX_TOKENS)
 
 # --------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (1-D over prefix + patches)
@@ -122,8 +121,11 @@ class IMFDiT(nn.Module):
     """u_theta(x, h | y, omega, t_min, t_max); returns u, or (u, v) in training mode when built with a v-head."""
 
     def __init__(self, *, image_size, patch_size, in_channels, num_classes, depth, width, heads,
-                 v_head=False, v_head_depth=8):
+                 v_head=False, v_head_depth=8, prefix_tokens=PREFIX_TOKENS):
         super().__init__()
+        # Fewer prefix tokens only for CPU-sized models: on 8×8 digits, 20 prefix tokens outnumber the 16 patches.
+        self.prefix_tokens = tuple(prefix_tokens)
+        self.prefix_len = sum(self.prefix_tokens)
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.num_classes = num_classes
         self.head_dim = width // heads
@@ -135,7 +137,7 @@ class IMFDiT(nn.Module):
         self.t_max_embedder = TimestepEmbedder(width)
         self.h_embedder = TimestepEmbedder(width)
         # Learned per-prefix-token offsets, so the repeated copies of one condition differ.
-        self.prefix_embed = nn.Parameter(torch.zeros(1, PREFIX_LEN, width))
+        self.prefix_embed = nn.Parameter(torch.zeros(1, self.prefix_len, width))
         self.blocks = nn.ModuleList(IMFBlock(width, heads) for _ in range(depth))
         self.final_layer = FinalLayer(width, patch_size, in_channels)
         # The last v_head_depth blocks are the u branch; the blocks before them are the shared trunk.
@@ -167,7 +169,7 @@ class IMFDiT(nn.Module):
             nn.init.zeros_(final.linear.bias)
 
     def _prefix(self, y, omega, h, batch_size, device):
-        """The condition tokens (B, PREFIX_LEN, D)."""
+        """The condition tokens (B, prefix_len, D)."""
         conditions = (
             self.y_embedder(y, batch_size, device),
             self.omega_embedder(1 - 1 / omega[:, 0]),
@@ -175,11 +177,11 @@ class IMFDiT(nn.Module):
             self.t_max_embedder(omega[:, 2]),
             self.h_embedder(h),
         )
-        repeated = [c.unsqueeze(1).expand(-1, n, -1) for c, n in zip(conditions, PREFIX_TOKENS)]
+        repeated = [c.unsqueeze(1).expand(-1, n, -1) for c, n in zip(conditions, self.prefix_tokens)]
         return torch.cat(repeated, dim=1) + self.prefix_embed
 
     def _image(self, tokens_BLD, final_layer, H, W):
-        out = final_layer(tokens_BLD[:, PREFIX_LEN:])  # prefix outputs are discarded
+        out = final_layer(tokens_BLD[:, self.prefix_len:])  # prefix outputs are discarded
         return unpatchify(out, self.patch_size, self.in_channels, H, W)
 
     def forward(self, x, *, t, r, y=None, omega=None):
@@ -188,7 +190,7 @@ class IMFDiT(nn.Module):
         if omega is None:  # no guidance: omega = 1 on the whole interval [0, 1]
             omega = torch.tensor([1.0, 0.0, 1.0], dtype=t.dtype, device=x.device).expand(B, 3)
         prefix = self._prefix(y, omega, t - r, B, x.device)
-        tokens = torch.cat([prefix.to(x.dtype), self.x_embedder(x)], dim=1)  # (B, PREFIX_LEN + L, D)
+        tokens = torch.cat([prefix.to(x.dtype), self.x_embedder(x)], dim=1)  # (B, prefix_len + L, D)
         cos, sin = rope_cos_sin(tokens.shape[1], self.head_dim, tokens)
 
         for block in self.blocks[: self.trunk_depth]:

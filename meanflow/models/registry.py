@@ -74,8 +74,17 @@ def build_model(cfg):
             raise ValueError(f"model.v_head_depth: must be in [1, depth - 1] = [1, {depth - 1}] for depth {depth}, "
                              f"got {v_head_depth} (the trunk before the v-head needs at least one block)")
         return IMFDiT(**_image_args(cfg), depth=depth, width=width, heads=heads, v_head=v_head,
-                      v_head_depth=v_head_depth)
+                      v_head_depth=v_head_depth, **_prefix_arg(cfg))
     raise ValueError(f"model.family: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def _prefix_arg(cfg):
+    tokens = getattr(cfg, "prefix_tokens", None)
+    if tokens is None:
+        return {}
+    if len(tokens) != 5 or min(tokens) < 1:
+        raise ValueError(f"model.prefix_tokens: need 5 positive counts (class, omega, t_min, t_max, h), got {tokens}")
+    return {"prefix_tokens": tuple(tokens)}
 
 
 def count_parameters(model, include_v_head=False):

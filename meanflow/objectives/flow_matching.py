@@ -14,7 +14,7 @@ class FlowMatching(Objective):
     def compute(self, model, batch, step, ctx):
         x = batch["x"]
         rand = ctx.random(step, x.device)
-        t, _ = sample_time_pairs(rand, self.cfg.time)
+        t, _ = sample_time_pairs(rand, self.cfg.time, x.dtype)
         e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
         z = (1 - expand_like(t, x)) * x + expand_like(t, x) * e
         y, _ = drop_labels(batch.get("y"), rand, self.cfg.label_drop, self.num_classes)

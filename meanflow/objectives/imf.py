@@ -25,15 +25,15 @@ from .time_sampling import sample_time_pairs
 
 def sample_guidance(rand, cfg, t, r) -> torch.Tensor:
     """Ω per sample, (B, 3) = [ω, t_min, t_max]. ω has density ∝ ω^−β on [1, 1 + s_max] (β = 1: log-uniform)."""
-    u = rand.uniform("imf_omega")
+    u = rand.uniform("imf_omega", dtype=t.dtype)
     top = 1.0 + cfg.s_max
     if cfg.beta_cfg == 1.0:
         omega = top ** u
     else:
         k = 1.0 - cfg.beta_cfg
         omega = (1.0 + u * (top ** k - 1.0)) ** (1.0 / k)
-    t_min = rand.uniform("imf_t_min") * cfg.t_min_high
-    t_max = cfg.t_max_low + rand.uniform("imf_t_max") * (1.0 - cfg.t_max_low)
+    t_min = rand.uniform("imf_t_min", dtype=t.dtype) * cfg.t_min_high
+    t_max = cfg.t_max_low + rand.uniform("imf_t_max", dtype=t.dtype) * (1.0 - cfg.t_max_low)
     boundary = t == r                     # rows with r = t get the full window
     t_min = torch.where(boundary, torch.zeros_like(t_min), t_min)
     t_max = torch.where(boundary, torch.ones_like(t_max), t_max)
@@ -81,7 +81,7 @@ class ImprovedMeanFlow(Objective):
     def compute(self, model, batch, step, ctx):
         x, c = batch["x"], self.cfg
         rand = ctx.random(step, x.device)
-        t, r = sample_time_pairs(rand, c.time)
+        t, r = sample_time_pairs(rand, c.time, x.dtype)
         e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
         t_x, h_x = expand_like(t, x), expand_like(t - r, x)
         z = (1 - t_x) * x + t_x * e

@@ -22,6 +22,8 @@ from .time_sampling import sample_time_pairs
 
 
 class MeanFlow(Objective):
+    logs_lambda = False
+
     def __init__(self, cfg, num_classes: int = 0):
         self.cfg, self.num_classes = cfg, num_classes
 
@@ -37,7 +39,7 @@ class MeanFlow(Objective):
     def compute(self, model, batch, step, ctx):
         x = batch["x"]
         rand = ctx.random(step, x.device)
-        t, r = sample_time_pairs(rand, self.cfg.time)
+        t, r = sample_time_pairs(rand, self.cfg.time, x.dtype)
         e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
         t_x, h_x = expand_like(t, x), expand_like(t - r, x)
         z = (1 - t_x) * x + t_x * e
@@ -60,13 +62,15 @@ class MeanFlow(Objective):
         has_jvp = t != r
         stats.update(loss=loss.detach(), mse=sq.mean().detach(), u_norm=per_sample_norm(u).mean().detach(),
                      jvp_norm=masked_mean(per_sample_norm(dudt.detach()), has_jvp))
-        if lam:
+        if self.logs_lambda:
             stats["lambda"] = torch.tensor(float(lam))
         return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model})
 
 
 class SGLambda(MeanFlow):
     """Modular MeanFlow: λ(step) from 0 to 1 by a linear or cosine curriculum (OBJECTIVES.md §3)."""
+
+    logs_lambda = True
 
     def jvp_grad_weight(self, step: int) -> float:
         s = self.cfg.sg_lambda

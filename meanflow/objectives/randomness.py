@@ -37,10 +37,12 @@ class StepRandom:
         gen.manual_seed(stream_seed(self.seed, self.step, stream))
         return gen
 
-    def normal(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    def normal(self, stream: str, *shape: int, dtype=torch.float32, transform=None) -> torch.Tensor:
+        """N(0, 1) draws for the local rows. ``transform`` runs on the whole global draw before slicing, so
+        its result per row is bitwise independent of how the batch is split (vectorised math is not)."""
         full = torch.randn(self.global_batch, *shape, generator=self._generator(stream), device=self.device,
                            dtype=dtype)
-        return full[self.rows]
+        return (full if transform is None else transform(full))[self.rows]
 
     def uniform(self, stream: str, *shape: int, dtype=torch.float32) -> torch.Tensor:
         full = torch.rand(self.global_batch, *shape, generator=self._generator(stream), device=self.device,

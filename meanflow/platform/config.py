@@ -64,6 +64,8 @@ class ModelConfig:
     """Override the registry's width."""
     heads: Optional[int] = None
     """Override the registry's head count."""
+    prefix_tokens: Optional[List[int]] = None
+    """imf_dit only: tokens per condition [class, ω, t_min, t_max, h]; null = iMF's [8, 4, 2, 2, 4]."""
     mlp_hidden: int = 128
     """mlp only: hidden width."""
     mlp_layers: int = 3

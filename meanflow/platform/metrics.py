@@ -45,9 +45,9 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """Prints ``step 100/3000 | loss 0.41 | jvp_norm 2.3 | 41.2 steps/s | ETA 1m10s`` lines (log-file friendly)."""
+    """Prints ``step 100/3000 | loss 0.41 | mse 12.3 | jvp_norm 2.3 | 41.2 steps/s | ETA 1m10s`` lines (log-file friendly)."""
 
-    KEYS = ("loss", "jvp_norm", "grad_norm")
+    KEYS = ("loss", "mse", "jvp_norm", "grad_norm")
 
     def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
         self.total, self.stream = total_steps, stream
