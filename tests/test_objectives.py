@@ -27,19 +27,12 @@ from objective_testkit import (NUM_CLASSES, GaussianMixtureOracle, LinearVelocit
                                gaussian_noise_variance, image_batch, mc_mean_and_se, micro_context, objective_cfg,
                                rel_err, sub_batch, target_from_gradient, tiny_dit, tiny_mlp, tiny_model, toy_batch)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 F64 = torch.float64
 FD_RTOL = 1e-4  # float32 (t, r) inside the objective limit agreement with float64 finite differences to ~3e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (100× slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batch_for(family: str, batch: int, seed: int = 0) -> dict:

@@ -11,18 +11,11 @@ from meanflow.objectives import guidance_conditions, sample, sample_noise
 
 from objective_testkit import PointMassVelocity, Spy, tiny_dit, tiny_mlp
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (100× slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_one_nfe_is_noise_minus_u_at_r_0_t_1_exactly():

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .attention import attention
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from .embeddings import (LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_layers, sincos_pos_embed_2d,
+                         unpatchify)
 
 
 def modulate(x_BLD, shift_BD, scale_BD):
@@ -110,11 +111,7 @@ class MFDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """DiT's initialisation; call again after `to_empty()` on a model built on the meta device."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_linear_layers(self)
         self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid_size, self.pos_embed.device))
         self.x_embedder.init_weights()
         self.y_embedder.init_weights()

@@ -10,6 +10,15 @@ from torch import nn
 # --------------------------------------------------------------------------------------------------------------
 
 
+def init_linear_layers(root: nn.Module) -> None:
+    """DiT's default for every Linear below root: Xavier-uniform weights, zero biases (zero-inits come after)."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 def timestep_embedding(s, dim, max_period=10000.0, scale=1.0):
     """Sinusoidal features of scalars s (B,) -> (B, dim), as in DiT / GLIDE.
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .attention import attention
-from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
+from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_layers, unpatchify
 
 # Tokens per condition, in prefix order: class, omega, t_min, t_max, h.
 PREFIX_TOKENS = (8, 4, 2, 2, 4)
@@ -148,12 +148,9 @@ class IMFDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Initialise every parameter; call again after `to_empty()` on a model built on the meta device."""
+        init_linear_layers(self)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):
+            if isinstance(module, nn.RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, IMFBlock):
                 nn.init.zeros_(module.gate_attn)
