@@ -24,20 +24,14 @@ def test_overrides_apply_with_types():
     assert cfg.optim.lr == 3e-4 and cfg.run.steps == 7 and cfg.objective.name == "sg_lambda"
 
 
-def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
+@pytest.mark.parametrize("yaml_text, key", [("model:\n  widht: 64\n", "model.widht"),    # unknown key
+                                             ("optim:\n  lr: fast\n", "optim.lr")])      # wrong type
+def test_bad_yaml_names_key_and_file(tmp_path, yaml_text, key):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  widht: 64\n")
+    bad.write_text(yaml_text)
     with pytest.raises(ConfigError) as err:
         load_config(str(bad))
-    assert "model.widht" in str(err.value) and str(bad) in str(err.value)
-
-
-def test_wrong_type_in_yaml_names_key_and_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("optim:\n  lr: fast\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(str(bad))
-    assert "optim.lr" in str(err.value) and str(bad) in str(err.value)
+    assert key in str(err.value) and str(bad) in str(err.value)
 
 
 def test_unknown_override_key_is_rejected():

@@ -7,25 +7,18 @@ the global batch, the same way ``objectives.randomness.StepRandom`` slices its d
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from meanflow.data_pipeline import digits
 from meanflow.data_pipeline.toys2d import TOY_NAMES, sample_toy
+from meanflow.seeding import stream_seed
 
 EMBEDDED_NAMES: tuple[str, ...] = ("digits", *TOY_NAMES)
 
 
-def _seed(*parts: object) -> int:
-    # Stable across processes (Python's hash() is salted). Kept local: data_pipeline must not import objectives.
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def _generator(*parts: object) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(_seed(*parts))
+    g.manual_seed(stream_seed(*parts))
     return g
 
 

@@ -8,15 +8,9 @@ never shifts an existing one.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-
-def stream_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any printable parts (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+from meanflow.seeding import stream_seed
 
 
 class StepRandom:
