@@ -1,7 +1,11 @@
 """Shared fixtures."""
 
+import itertools
+import os
+
 import pytest
 import torch
+from s3_server import MotoServer
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +15,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server for the whole session (later service tests reuse it); its endpoint and test
+    credentials are exported to this process and every child, the way a user's environment would carry them."""
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket per test: ``s3://<name>``."""
+    import fsspec
+
+    name = f"test-{os.getpid()}-{next(_bucket_numbers)}"
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"

@@ -1,8 +1,9 @@
 """Datasets that ship with an installed package (sklearn digits, the 2-D toys) as deterministic batch streams.
 
-A batch is a pure function of (seed, step): the stream holds no position of its own (the trainer holds the step),
-so a resumed run, and 1 or N processes, see exactly the same global batch. Each process slices its own rows out of
-the global batch, the same way ``objectives.randomness.StepRandom`` slices its draws.
+Global batch number k is a pure function of (seed, k), so 1 or N processes see exactly the same global batch; each
+process slices its own rows out of it, the same way ``objectives.randomness.StepRandom`` slices its draws. The
+stream's position is the number of global batches consumed or skipped (``state_dict``), the same interface as the
+WebDataset stream.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ class EmbeddedStream:
     train image once. toys: fresh samples from a generator seeded by (seed, step), y is None.
     """
 
-    def __init__(self, name: str, global_batch: int, seed: int):
+    def __init__(self, name: str, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
         if name not in EMBEDDED_NAMES:
             raise ValueError(f"unknown data.name {name!r}; embedded datasets: {', '.join(EMBEDDED_NAMES)}")
-        if global_batch <= 0:
-            raise ValueError(f"global batch must be positive, got {global_batch}")
+        if global_batch <= 0 or global_batch % world_size:
+            raise ValueError(f"global batch must be positive and divisible by the world size {world_size}, "
+                             f"got {global_batch}")
         self._name, self.batch_size, self.seed = name, int(global_batch), int(seed)
+        local = global_batch // world_size
+        self.rows = slice(rank * local, (rank + 1) * local)
+        self.batches = 0
         if name == "digits":
             self._train_x, self._train_y = digits.load_digits_split("train")
 
@@ -71,6 +76,23 @@ class EmbeddedStream:
             rows[mask] = self._epoch_permutation(e)[pos[mask]]
         return dict(x=self._train_x[rows], y=self._train_y[rows], index=index)
 
+    def next_batch(self) -> dict[str, torch.Tensor | None]:
+        """This rank's rows of the next global batch."""
+        batch = self.global_batch(self.batches)
+        self.batches += 1
+        return {k: (v[self.rows] if v is not None else None) for k, v in batch.items()}
+
+    def skip(self, n_samples: int) -> None:
+        if n_samples % self.batch_size:
+            raise ValueError(f"skip({n_samples}): must be a multiple of the global batch {self.batch_size}")
+        self.batches += n_samples // self.batch_size
+
+    def metrics(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
     def real_samples(self, n: int, seed: int = 0) -> torch.Tensor:
         """Reference samples for evaluation: toys draw n fresh points (from ``seed``, independent of the training
         stream); digits return the first n test-split images (``seed`` unused; at most 360, else ValueError, so a
@@ -82,17 +104,21 @@ class EmbeddedStream:
             raise ValueError(f"digits test split has {len(x)} images; asked for {n} real samples")
         return x[:n]
 
-    def state_dict(self) -> dict[str, object]:
-        # No position: the trainer's step is the cursor. These keys only guard against resuming with other data.
-        return {"name": self._name, "seed": self.seed, "global_batch": self.batch_size}
+    def _identity(self) -> dict[str, object]:
+        return {"kind": "embedded", "name": self._name, "seed": self.seed, "global_batch": self.batch_size}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        mine = self.state_dict()
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+    def state_dict(self) -> dict[str, object]:
+        return {**self._identity(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, object]) -> str:
+        diff = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if diff:
             raise ValueError(f"checkpoint data stream differs from config (checkpoint, config): {diff}")
+        self.batches = int(state["batches"])
+        return "exact"
 
 
-def build_embedded_stream(name: str, global_batch: int, seed: int) -> EmbeddedStream:
+def build_embedded_stream(name: str, global_batch: int, seed: int, rank: int = 0,
+                          world_size: int = 1) -> EmbeddedStream:
     """Stream for ``data.name`` in {"digits"} and the 2-D toys."""
-    return EmbeddedStream(name, global_batch, seed)
+    return EmbeddedStream(name, global_batch, seed, rank, world_size)

@@ -1,8 +1,10 @@
 """End-of-run evaluation on the embedded data: the numbers that say whether a local run really learned.
 
 2-D toys: 1-NFE (or k-NFE) samples vs fresh real samples, sliced Wasserstein SW1/SW2 (4096 samples, 500
-directions, fixed seed — OBJECTIVES.md) and a scatter plot. Digits: class-conditional samples classified by a
-classifier trained on the real digits (class accuracy) and a sample grid, one row per class.
+directions, fixed seed — OBJECTIVES.md) and a scatter plot. Digits (embedded or from shards): class-conditional
+samples classified by a classifier trained on the real digits (class accuracy) and a sample grid, one row per
+class. Other pixel data: a sample grid only (FID belongs to the evaluation job); latents: nothing to draw without
+the VAE decoder, so only the run facts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 import torch
 
+from meanflow.data_pipeline import TOY_NAMES, digits
 from meanflow.objectives import guidance_conditions, sample, sample_noise
 
 from .digits_classifier import class_accuracy
@@ -50,7 +53,7 @@ def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
     start = time.perf_counter()
     metrics = {"step": step, "nfe": cfg.eval.nfe, "num_samples": cfg.eval.num_samples, "seed": cfg.eval.seed}
     out_dir = join(run_dir, "eval", "final")
-    if stream.num_classes == 0:
+    if stream.name in TOY_NAMES:
         samples = generate(model, stream, cfg.model, cfg.eval, device)
         real = stream.real_samples(cfg.eval.num_samples, seed=cfg.eval.seed + 1)
         metrics["sw1"] = sliced_wasserstein(samples, real, num_directions=500, p=1, seed=0)
@@ -58,7 +61,7 @@ def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
         if samples.shape[1] == 2:
             save_scatter_png(samples, join(out_dir, "samples.png"), reference=real,
                              title=f"{stream.name}: {cfg.eval.nfe}-NFE, SW1 {metrics['sw1']:.3f}")
-    else:
+    elif stream.name == "digits" and tuple(stream.sample_shape) == digits.IMAGE_SHAPE:
         labels = torch.arange(cfg.eval.num_samples) % stream.num_classes
         samples = generate(model, stream, cfg.model, cfg.eval, device, labels=labels)
         metrics["class_accuracy"] = class_accuracy(samples, labels)
@@ -67,6 +70,10 @@ def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
         k = stream.num_classes
         per_class = torch.cat([samples[labels == c][:k] for c in range(k)])   # row c: k samples of class c
         save_image_grid(per_class, join(out_dir, "samples.png"), nrow=k)
+    elif getattr(stream, "kind", "array") != "latent":   # other pixel data: a sample grid (FID: the eval job)
+        labels = torch.arange(64) % stream.num_classes if stream.num_classes else None
+        samples = generate(model, stream, cfg.model, cfg.eval, device, labels=labels)
+        save_image_grid(samples[:64], join(out_dir, "samples.png"), nrow=8)
     metrics["wall_s"] = round(time.perf_counter() - start, 2)
     write_bytes_atomic(join(out_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
     return metrics

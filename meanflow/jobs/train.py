@@ -13,7 +13,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from meanflow.data_pipeline import build_embedded_stream
+from meanflow.data_pipeline import build_stream
 from meanflow.evaluation.run_report import evaluate_run
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective
@@ -41,10 +41,14 @@ class Trainer:
         self.cfg, self.stdout = cfg, stdout
         self.device = resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
-        self.stream = build_embedded_stream(cfg.data.name, cfg.data.global_batch, cfg.run.seed)
+        self.stream = build_stream(cfg.data, cfg.run.seed)
         if cfg.model.num_classes != self.stream.num_classes:
-            raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but data.name={cfg.data.name} has "
+            raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but the data ({self.stream.name}) has "
                               f"{self.stream.num_classes} classes")
+        model_shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+        if cfg.model.family != "mlp" and tuple(self.stream.sample_shape) != model_shape:
+            raise ConfigError(f"model.in_channels/image_size: the model takes {model_shape}, but the data "
+                              f"({self.stream.name}) holds samples of shape {tuple(self.stream.sample_shape)}")
         torch.manual_seed(cfg.run.seed)                      # model initialisation
         self.engine = SingleProcessEngine(build_model(cfg.model), cfg.optim, self.device)
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
@@ -62,9 +66,10 @@ class Trainer:
         if latest is not None:
             state, meta = self.store.load(latest)
             self.engine.load_state_dict(state)
-            self.stream.load_state_dict(meta["data"])
+            data_resume = self.stream.load_state_dict(meta["data"])   # before the first batch is read
             self.step = meta["step"]
-            self.log(f"resumed from {self.store.step_url(latest)} at step {self.step}")
+            self.log(f"resumed from {self.store.step_url(latest)} at step {self.step} (data position: "
+                     f"{data_resume})")
         write_bytes_atomic(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
 
     def save(self) -> str:
@@ -75,7 +80,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; non-finite steps are skipped, not applied."""
         cfg = self.cfg
-        batch = self.stream.global_batch(self.step)
+        batch = self.stream.next_batch()
         micro = cfg.data.global_batch // cfg.optim.grad_accum
         totals: dict[str, torch.Tensor] = {}
         for k in range(cfg.optim.grad_accum):
@@ -112,13 +117,16 @@ class Trainer:
                  f"{self.device}, run_dir {self.run_dir}")
         progress = ProgressLine(cfg.run.steps, self.step, stream=self.stdout)
         started = time.perf_counter()
-        while self.step < cfg.run.steps:
-            stats = self.train_step()
-            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
-                rate = progress.update(self.step, stats)
-                self.metrics.write({"step": self.step, "steps_per_s": rate, **stats})
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
-                self.save()
+        try:
+            while self.step < cfg.run.steps:
+                stats = self.train_step()
+                if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
+                    rate = progress.update(self.step, stats)
+                    self.metrics.write({"step": self.step, "steps_per_s": rate, **stats, **self.stream.metrics()})
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
+                    self.save()
+        finally:
+            self.stream.close()   # stops DataLoader workers
         self.save()
         self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s; evaluating")
         model = self.engine.ema_model or self.engine.model

@@ -181,9 +181,25 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Embedded dataset: digits (scikit-learn's 8×8 digits) or a 2-D toy (checkerboard, eight_gaussians, ...)."""
+    """Embedded dataset (digits = scikit-learn's 8×8 digits, or a 2-D toy: checkerboard, eight_gaussians, ...),
+    or "webdataset" to stream the shards at data.url."""
     global_batch: int = 128
     """Samples per optimizer step over all processes and micro-batches."""
+    url: str = ""
+    """WebDataset shards (data.name = webdataset): a directory holding manifest.json, or a brace pattern such as
+    s3://bucket/train-{000000..000127}.tar. Credentials and endpoints come from the environment
+    (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL_S3, ...) or an fsspec profile, never from this file."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; each reads its own shards (0 = read in the training process)."""
+    shuffle_block: int = 1000
+    """Records shuffled together (a seeded permutation of each block of consecutive records of a worker)."""
+    latent_norm: str = "mf"
+    """Latent shards: mf (× the VAE's scale, 0.18215), imf (iMF's per-channel SD-VAE mean/std) or measured
+    (per-channel mean/std the shard writer measured on this data)."""
+    latent_flip: bool = True
+    """Latent shards: pick the image or its horizontal flip at random each visit (both were encoded)."""
+    io_retries: int = 5
+    """Retries (exponential backoff from 0.5 s) of a transient storage error before the run fails."""
 
 
 @dataclass
@@ -331,6 +347,7 @@ CHOICES = {
     "objective.stability.decay": ("none", "linear", "cosine"),
     "objective.imf.tangent": ("v_head", "boundary", "v_c"),
     "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
+    "data.latent_norm": ("mf", "imf", "measured"),
     "engine.kind": ("single",),
     "engine.device": ("auto", "cpu", "cuda"),
 }
@@ -345,6 +362,9 @@ def validate(cfg: DictConfig, source: str) -> None:
     if cfg.data.global_batch % cfg.optim.grad_accum:
         raise ConfigError(f"{source}: key 'optim.grad_accum': {cfg.optim.grad_accum} does not divide "
                           f"data.global_batch = {cfg.data.global_batch}")
+    if (cfg.data.name == "webdataset") != bool(cfg.data.url):
+        raise ConfigError(f"{source}: key 'data.url': set it exactly when data.name is 'webdataset' "
+                          f"(data.name={cfg.data.name!r}, data.url={cfg.data.url!r})")
     if not 0.0 <= cfg.objective.time.share_r_eq_t <= 1.0:
         raise ConfigError(f"{source}: key 'objective.time.share_r_eq_t': must lie in [0, 1]")
 

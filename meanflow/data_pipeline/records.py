@@ -1,0 +1,116 @@
+"""One sample's tar members, both ways: what the shard writer stores and how the stream decodes it.
+
+Kinds (``manifest["kind"]``):
+- ``image``:  ``<key>.png`` (uint8, C = 1 or 3) + ``<key>.cls``  -> x in [-1, 1], (C, H, W)
+- ``array``:  ``<key>.npy`` (float, already in model range) + ``<key>.cls``
+- ``latent``: ``<key>.latent.npy`` (2 flips, 2 moments (mean, std), C, H, W) + ``<key>.cls``; the stream draws
+  ``mean + std·ε`` of a randomly chosen flip at every visit (a fresh posterior sample each epoch) and normalises
+  it with MF's scale or iMF's per-channel statistics.
+The key is the global sample index (zero-padded), so a record names its own index.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from meanflow.seeding import stream_seed
+
+KINDS = ("image", "array", "latent")
+LATENT_NORMS = ("mf", "imf", "measured")
+KEY_DIGITS = 9
+
+
+def sample_key(index: int) -> str:
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_record(kind: str, index: int, value: Any, label: int | None) -> dict[str, Any]:
+    """Tar members of one sample. ``value``: uint8 array (H, W, C) for images, float array otherwise."""
+    record: dict[str, Any] = {"__key__": sample_key(index)}
+    if kind == "image":
+        arr = np.asarray(value, dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="PNG")
+        record["png"] = buf.getvalue()
+    elif kind == "array":
+        record["npy"] = _npy_bytes(np.asarray(value))
+    elif kind == "latent":
+        record["latent.npy"] = _npy_bytes(np.asarray(value))
+    else:
+        raise ValueError(f"unknown record kind {kind!r}; one of {KINDS}")
+    if label is not None:
+        record["cls"] = str(int(label)).encode()
+    return record
+
+
+class RecordDecoder:
+    """Decodes raw records of one shard set into ``{"x", "y"?, "index"}``; returns None for a corrupt record."""
+
+    def __init__(self, manifest: dict[str, Any], seed: int, latent_norm: str = "mf", latent_flip: bool = True):
+        self.kind, self.shape = manifest["kind"], tuple(manifest["sample_shape"])
+        self.num_classes = int(manifest["num_classes"])
+        self.seed, self.latent_flip = seed, latent_flip
+        if self.kind == "latent":
+            if latent_norm not in LATENT_NORMS:
+                raise ValueError(f"data.latent_norm: {latent_norm!r}, expected one of {LATENT_NORMS}")
+            norm = manifest["normalization"]
+            if latent_norm == "mf":
+                self.shift, self.scale = torch.zeros(()), torch.tensor(float(norm["mf"]["scale_factor"]))
+            else:
+                stats = norm[latent_norm]
+                channel = (-1, 1, 1)
+                self.shift = torch.tensor(stats["channel_mean"], dtype=torch.float32).view(channel)
+                self.scale = 1.0 / torch.tensor(stats["channel_std"], dtype=torch.float32).view(channel)
+
+    def __call__(self, record: dict[str, Any] | None, epoch: int) -> dict[str, torch.Tensor] | None:
+        if record is None:
+            return None
+        try:
+            return self._decode(record, epoch)
+        except Exception:   # any undecodable member (bad PNG, bad npy header, wrong shape, bad label) = corrupt
+            return None
+
+    def _decode(self, record: dict[str, Any], epoch: int) -> dict[str, torch.Tensor] | None:
+        index = int(record["__key__"])
+        if self.kind == "image":
+            with Image.open(io.BytesIO(record["png"])) as im:
+                arr = np.asarray(im.convert("L" if self.shape[0] == 1 else "RGB"))
+            x = torch.from_numpy(arr.reshape(*arr.shape[:2], -1).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        elif self.kind == "array":
+            x = torch.from_numpy(_npy_load(record["npy"]).astype(np.float32))
+        else:
+            x = self._sample_latent(torch.from_numpy(_npy_load(record["latent.npy"]).astype(np.float32)),
+                                    index, epoch)
+        if tuple(x.shape) != self.shape or not torch.isfinite(x).all():
+            return None
+        out = {"x": x, "index": torch.tensor(index)}
+        if self.num_classes:
+            y = int(record["cls"])
+            if not 0 <= y < self.num_classes:
+                return None
+            out["y"] = torch.tensor(y)
+        return out
+
+    def _sample_latent(self, moments: torch.Tensor, index: int, epoch: int) -> torch.Tensor:
+        """moments (2 flips, 2, C, H, W) -> one normalised posterior sample; the draw depends on (seed, epoch,
+        index) only, so a resumed stream and the uninterrupted one draw the same ε and flip."""
+        g = torch.Generator().manual_seed(stream_seed(self.seed, "latent", epoch, index))
+        flip = int(torch.randint(2, (), generator=g)) if self.latent_flip else 0
+        mean, std = moments[flip, 0], moments[flip, 1]
+        x = mean + std * torch.randn(mean.shape, generator=g)
+        return (x - self.shift) * self.scale

@@ -1,0 +1,181 @@
+"""A resumable stream of local batches from WebDataset shards at any fsspec URL (s3://, file://, memory://).
+
+Each rank runs a DataLoader over a ``ShardDataset``; DataLoader worker w reads one slot (``shard_plan``) and hands
+out whole batches, and the DataLoader takes batches from its workers strictly round-robin, so the batch sequence is
+a function of the slot positions and of which worker is next. Every sample carries its slot's position after it;
+the main process keeps the latest per slot, so ``state_dict()`` describes exactly what the trainer has consumed
+(not what workers have prefetched). ``load_state_dict`` and ``skip`` drop the running workers; the next
+``next_batch()`` starts new ones from the stored positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .manifest import read_manifest, select_shards
+from .records import RecordDecoder
+from .shard_plan import ShardPlan, SlotPosition
+from .shard_reader import ShardReader
+
+PRIVATE = ("_slot", "_epoch", "_record", "_skipped")
+
+
+class ShardDataset(IterableDataset):
+    """Endless samples of one rank's slots; worker w of the DataLoader serves slot worker (w + batches) % W."""
+
+    def __init__(self, reader: ShardReader, plan: ShardPlan, decoder: RecordDecoder, rank: int, workers: int,
+                 positions: dict[int, SlotPosition], skipped: dict[int, int], batches: int):
+        self.reader, self.plan, self.decoder = reader, plan, decoder
+        self.rank, self.workers, self.batches = rank, workers, batches
+        self.positions, self.skipped = positions, skipped
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        slot = self.rank * self.workers + (worker + self.batches) % self.workers
+        return self.slot_samples(slot)
+
+    def slot_samples(self, slot: int):
+        plan, block = self.plan, self.plan.block
+        start = self.positions.get(slot, SlotPosition(0, 0))
+        skipped = self.skipped.get(slot, 0)
+        epoch, block_start = start.epoch, start.record - start.record % block
+        records = self.reader.slot_records(plan, slot, SlotPosition(epoch, block_start))
+        first = start.record - block_start
+        while True:
+            length = plan.slot_length(epoch, slot)
+            n = min(block, length - block_start)
+            rows = list(itertools.islice(records, n))
+            order = plan.block_permutation(epoch, slot, block_start // block, n)
+            for j in range(first, n):
+                sample = self.decoder(rows[order[j]], epoch)
+                after = plan.advance(SlotPosition(epoch, block_start + j), slot, 1)
+                if sample is None:
+                    skipped += 1
+                    continue
+                yield {**sample, "_slot": slot, "_epoch": after.epoch, "_record": after.record,
+                       "_skipped": skipped}
+            first, block_start = 0, block_start + n
+            if block_start == length:
+                epoch, block_start = epoch + 1, 0
+
+
+def _fingerprint(urls: list[str], counts: list[int]) -> str:
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    return hashlib.sha256(json.dumps([names, counts]).encode()).hexdigest()[:16]
+
+
+class ShardStream:
+    """This rank's batches of ``global_batch // world_size`` samples: dict x, y (if labelled), index."""
+
+    def __init__(self, url: str, *, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 2, shuffle_block: int = 1000, latent_norm: str = "mf",
+                 latent_flip: bool = True, io_retries: int = 5):
+        if global_batch % world_size:
+            raise ValueError(f"data.global_batch {global_batch} is not divisible by the world size {world_size}")
+        self.url, self.seed, self.rank, self.world_size = url, int(seed), rank, world_size
+        self.global_batch, self.local_batch = global_batch, global_batch // world_size
+        self.num_workers = num_workers
+        self.workers = max(num_workers, 1)   # num_workers = 0 reads one slot in this process
+        self.manifest = read_manifest(url)
+        urls, counts = select_shards(url, self.manifest)
+        self.plan = ShardPlan(counts, world_size * self.workers, self.seed, shuffle_block)
+        self.fingerprint = _fingerprint(urls, counts)
+        self.reader = ShardReader(urls, retries=io_retries)
+        self.decoder = RecordDecoder(self.manifest, self.seed, latent_norm, latent_flip)
+        self.my_slots = [rank * self.workers + w for w in range(self.workers)]
+        self.positions = {s: SlotPosition(0, 0) for s in self.my_slots}
+        self.skipped = {s: 0 for s in self.my_slots}
+        self.batches = 0
+        self._iterator = None
+
+    # ------------------------------------------------------------------------------------------ description
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["sample_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _start(self):
+        dataset = ShardDataset(self.reader, self.plan, self.decoder, self.rank, self.workers,
+                               dict(self.positions), dict(self.skipped), self.batches)
+        loader = DataLoader(dataset, batch_size=self.local_batch, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None)
+        return iter(loader)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        slot = int(batch["_slot"][0])
+        self.positions[slot] = SlotPosition(int(batch["_epoch"][-1]), int(batch["_record"][-1]))
+        self.skipped[slot] = int(batch["_skipped"][-1])
+        self.batches += 1
+        return {k: v for k, v in batch.items() if k not in PRIVATE}
+
+    def metrics(self) -> dict[str, int]:
+        return {"data/skipped": sum(self.skipped.values())}
+
+    def close(self) -> None:
+        self._iterator = None   # DataLoader workers exit when their iterator is collected
+
+    # ------------------------------------------------------------------------------------------------ position
+    def skip(self, n_samples: int) -> None:
+        """Advance past ``n_samples`` global samples (whole global batches) without reading them: each skipped
+        batch advances the slot that would have served it by one local batch of records."""
+        if n_samples % self.global_batch:
+            raise ValueError(f"skip({n_samples}): must be a multiple of the global batch {self.global_batch}")
+        for k in range(n_samples // self.global_batch):
+            slot = self.my_slots[(self.batches + k) % self.workers]
+            self.positions[slot] = self.plan.advance(self.positions[slot], slot, self.local_batch)
+        self.batches += n_samples // self.global_batch
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        progress = sum(self.plan.progress(p, s) for s, p in self.positions.items()) / len(self.positions)
+        return {"kind": "webdataset", "fingerprint": self.fingerprint, "seed": self.seed,
+                "num_slots": self.plan.num_slots, "shuffle_block": self.plan.block,
+                "local_batch": self.local_batch, "batches": self.batches, "progress": progress,
+                "slots": {str(s): {"epoch": p.epoch, "record": p.record, "skipped": self.skipped[s]}
+                          for s, p in self.positions.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> str:
+        """Restore a position; returns "exact" or, when the world size, data workers, batch or shuffle block
+        changed, "approximate" (every slot restarts at the same fraction of the same epoch)."""
+        if state.get("kind") != "webdataset":
+            raise ValueError(f"checkpoint data state is {state.get('kind')!r}, config reads shards at {self.url}")
+        for key, mine in (("fingerprint", self.fingerprint), ("seed", self.seed)):
+            if state[key] != mine:
+                raise ValueError(f"checkpoint data {key} {state[key]!r} differs from this stream's {mine!r} "
+                                 f"(data.url {self.url}); resuming would not continue the same sample sequence")
+        same_layout = all(state[k] == v for k, v in (("num_slots", self.plan.num_slots),
+                                                     ("shuffle_block", self.plan.block),
+                                                     ("local_batch", self.local_batch)))
+        exact = same_layout and all(str(s) in state["slots"] for s in self.my_slots)
+        for s in self.my_slots:
+            if exact:
+                saved = state["slots"][str(s)]
+                self.positions[s] = SlotPosition(saved["epoch"], saved["record"])
+                self.skipped[s] = saved["skipped"]
+            else:
+                self.positions[s] = self.plan.position_at(state["progress"], s)
+        self.batches = state["batches"]
+        self.close()
+        return "exact" if exact else "approximate"
