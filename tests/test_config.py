@@ -61,3 +61,9 @@ def test_cli_bad_key_exits_2_and_names_it(tmp_path):
     assert proc.returncode == 2
     assert "model.widht" in proc.stderr
     assert not (tmp_path / "run").exists()          # nothing written for a rejected config
+
+
+@pytest.mark.parametrize("overrides", [["data.name=webdataset"], ["data.url=s3://bucket/train"]])
+def test_data_url_goes_with_webdataset_only(overrides):
+    with pytest.raises(ConfigError, match="data.url"):
+        load_config("tiny_mf", overrides)

@@ -89,6 +89,14 @@ def test_cli_local_run_exits_zero(tmp_path):
     assert "step 30/30" in proc.stdout and "sw1" in proc.stdout
 
 
+def test_cli_missing_shards_exit_2_naming_the_url(tmp_path):
+    url = tmp_path / "no-such-shards"
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--cluster", "local",
+                           "--config", "tiny_mf", "--run-dir", str(tmp_path / "run"), "data.name=webdataset",
+                           f"data.url={url}"], capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 2 and f"{url}/manifest.json" in proc.stderr
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("config", ["tiny_mf", "tiny_imf"])
 def test_digits_local_run_samples_are_their_class(tmp_path, config):
@@ -97,3 +105,30 @@ def test_digits_local_run_samples_are_their_class(tmp_path, config):
     report = Trainer(load_config(config, [f"run.run_dir=file://{tmp_path}", "run.log_every=250"])).run()
     print(f"{config} digits: 1-NFE class accuracy {report['class_accuracy']:.3f}")
     assert report["class_accuracy"] >= 0.6
+
+
+def test_training_on_s3_shards_resumes_exactly(tmp_path, s3_bucket):
+    from meanflow.data_pipeline.shard_writer import write_shards
+    from meanflow.data_pipeline.sources import open_source
+
+    url = s3_bucket + "/digits"
+    write_shards(open_source("digits"), url, samples_per_shard=100, show_progress=False)
+
+    def shards_cfg(run_dir, steps, *extra):
+        return load_config("tiny_mf", [f"run.run_dir={run_dir}", f"run.steps={steps}", "run.log_every=1",
+                                       "data.name=webdataset", f"data.url={url}", "data.global_batch=32",
+                                       "data.shuffle_block=64", "checkpoint.every=0", "eval.num_samples=10",
+                                       *extra])
+
+    straight = Trainer(shards_cfg(tmp_path / "a", 9))
+    straight.run()
+    Trainer(shards_cfg(tmp_path / "b", 5)).run()
+    resumed = Trainer(shards_cfg(tmp_path / "b", 9, "run.resume=true"))
+    resumed.run()
+    for p, q in zip(straight.engine.model.parameters(), resumed.engine.model.parameters()):
+        assert torch.equal(p, q)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if '"event"' not in line] for d in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 9
+    record = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["data/skipped"] == 0

@@ -51,7 +51,8 @@ def load_vae(url: str, vae_id: str | None = None, device: str | torch.device = "
         local = _local_copy(url, tmp)
         with open(posixpath.join(local, WEIGHTS_NAME), "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
-        model = AutoencoderKL.from_pretrained(local, local_files_only=True, use_safetensors=True)
+        model = AutoencoderKL.from_pretrained(local, local_files_only=True, use_safetensors=True,
+                                              low_cpu_mem_usage=False)   # no `accelerate` needed
     model = model.to(device).eval().requires_grad_(False)
     cfg = model.config
     return LoadedVAE(model, vae_id or posixpath.basename(path.rstrip("/")), sha,

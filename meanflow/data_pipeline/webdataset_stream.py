@@ -55,12 +55,12 @@ class ShardDataset(IterableDataset):
             order = plan.block_permutation(epoch, slot, block_start // block, n)
             for j in range(first, n):
                 sample = self.decoder(rows[order[j]], epoch)
-                after = plan.advance(SlotPosition(epoch, block_start + j), slot, 1)
                 if sample is None:
                     skipped += 1
                     continue
-                yield {**sample, "_slot": slot, "_epoch": after.epoch, "_record": after.record,
-                       "_skipped": skipped}
+                after = block_start + j + 1   # the position after this record; the epoch's end is the next's start
+                yield {**sample, "_slot": slot, "_epoch": epoch + (after == length),
+                       "_record": after % length, "_skipped": skipped}
             first, block_start = 0, block_start + n
             if block_start == length:
                 epoch, block_start = epoch + 1, 0

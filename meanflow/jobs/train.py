@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from meanflow.data_pipeline import build_stream
+from meanflow.data_pipeline.shard_reader import ShardUnreadable
 from meanflow.evaluation.run_report import evaluate_run
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective
@@ -41,7 +42,10 @@ class Trainer:
         self.cfg, self.stdout = cfg, stdout
         self.device = resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
-        self.stream = build_stream(cfg.data, cfg.run.seed)
+        try:
+            self.stream = build_stream(cfg.data, cfg.run.seed)
+        except (ValueError, OSError) as err:   # no manifest, missing shard, too few shards: bad input, exit 2
+            raise ConfigError(f"data: {err}") from err
         if cfg.model.num_classes != self.stream.num_classes:
             raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but the data ({self.stream.name}) has "
                               f"{self.stream.num_classes} classes")
@@ -125,6 +129,8 @@ class Trainer:
                     self.metrics.write({"step": self.step, "steps_per_s": rate, **stats, **self.stream.metrics()})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
+        except ShardUnreadable as err:   # committed checkpoints stay; --resume continues once the store is back
+            raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:
             self.stream.close()   # stops DataLoader workers
         self.save()
