@@ -69,8 +69,9 @@ def test_latent_shards_hold_moments_of_the_image_and_of_its_flip(latent_set):
     vae, images = latent_set["vae"], latent_set["images"]
     stored = moments_of(latent_set["url"], 13)                      # (2 flips, 2 moments, C, h, w)
     assert stored.shape == (2, 2, 4, SIZE // 2, SIZE // 2)
-    direct = encode_moments(vae, images[13:14], "cpu")[0]
-    flipped = encode_moments(vae, images[13:14, :, ::-1].copy(), "cpu")[0]
+    src = int(raw_record(latent_set["url"], 13)["src"])            # the writer shuffled the source order
+    direct = encode_moments(vae, images[src:src + 1], "cpu")[0]
+    flipped = encode_moments(vae, images[src:src + 1, :, ::-1].copy(), "cpu")[0]
     np.testing.assert_allclose(stored, direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stored[1], flipped[0], rtol=1e-5, atol=1e-6)
     # The flip's latent is not the flipped latent: storing both is not redundant.

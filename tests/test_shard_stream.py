@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from meanflow.data_pipeline.shard_plan import ShardPlan, SlotPosition
 from meanflow.data_pipeline.shard_reader import ShardReader, ShardUnreadable
 from meanflow.data_pipeline.shard_writer import write_shards
 from meanflow.data_pipeline.sources import open_source
-from meanflow.data_pipeline.webdataset_stream import ShardStream
+from meanflow.data_pipeline.webdataset_stream import DataUnusable, ShardStream, merge_stream_states
 
 pytestmark = pytest.mark.timeout(120)
 STREAM_RANK = Path(__file__).with_name("stream_rank.py")
@@ -83,20 +84,24 @@ def test_fewer_shards_than_reader_slots_is_an_error():
 # ------------------------------------------------------------------------------------------------ round trip
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch(digits_url, tmp_path):
     manifest = read_manifest(digits_url)
-    global_batch, batches = 16, 100     # 8 samples per local batch: 400 per worker ≥ any slot's epoch 0 (≤ 360)
+    global_batch, batches = 16, 180     # 8 samples per local batch: 720 per worker ≥ two epochs of any slot (≤ 360)
     results = run_ranks(digits_url, global_batch, batches, tmp_path, "full")
     plan = ShardPlan([s["count"] for s in manifest["shards"]], WORLD * WORKERS, seed=3, block=16)
-    epoch0 = []
+    epochs = [[], []]
     for rank, result in enumerate(results):
         for worker in range(WORKERS):   # the DataLoader serves its workers' batches round-robin
             slot = rank * WORKERS + worker
             seq = [i for b in result["indices"][worker::WORKERS] for i in b]
-            epoch0 += seq[:plan.slot_length(0, slot)]
-    assert sorted(epoch0) == list(range(manifest["total"]))
+            first, second = plan.slot_length(0, slot), plan.slot_length(1, slot)
+            epochs[0] += seq[:first]
+            epochs[1] += seq[first:first + second]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(manifest["total"]))
 
 
 def test_resumed_stream_yields_exactly_the_uninterrupted_samples(digits_url, tmp_path):
-    global_batch, total, first = 16, 50, 23   # stop at an odd batch, mid-block and mid-shard
+    # Stop at an odd batch, mid-block and mid-shard; the tail crosses every slot's epoch end (400 > 360 records).
+    global_batch, total, first = 16, 100, 23
     full = run_ranks(digits_url, global_batch, total, tmp_path, "full")
     head = run_ranks(digits_url, global_batch, first, tmp_path, "head")
     tail = run_ranks(digits_url, global_batch, total - first, tmp_path, "tail", states=[h["state"] for h in head])
@@ -109,28 +114,37 @@ def test_resumed_stream_yields_exactly_the_uninterrupted_samples(digits_url, tmp
 def test_skip_lands_where_reading_would(tmp_path):
     url = str(tmp_path / "digits")
     write_digits(url)
-    read = ShardStream(url, global_batch=16, seed=5, num_workers=0, shuffle_block=16)
-    skipped = ShardStream(url, global_batch=16, seed=5, num_workers=0, shuffle_block=16)
-    for _ in range(7):
+    read = ShardStream(url, global_batch=16, seed=5, num_workers=2, shuffle_block=16)
+    skipped = ShardStream(url, global_batch=16, seed=5, num_workers=2, shuffle_block=16)
+    for _ in range(97):   # an odd number of batches, past both readers' epoch ends (~720 records each)
         read.next_batch()
-    skipped.skip(7 * 16)
+    skipped.skip(97 * 16)
     assert read.state_dict() == skipped.state_dict()
-    assert torch.equal(read.next_batch()["index"], skipped.next_batch()["index"])
+    for _ in range(3):
+        a, b = read.next_batch(), skipped.next_batch()
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["x"], b["x"])
     with pytest.raises(ValueError, match="multiple of the global batch"):
         skipped.skip(10)
+    read.close()
+    skipped.close()
 
 
 def test_changing_world_size_on_resume_continues_from_the_same_progress(tmp_path):
     url = str(tmp_path / "digits")
     write_digits(url)
-    two_workers = ShardStream(url, global_batch=16, seed=5, num_workers=2, shuffle_block=16)
+    ranks = [ShardStream(url, global_batch=16, seed=5, rank=r, world_size=2, num_workers=0, shuffle_block=16)
+             for r in range(2)]
     for _ in range(40):
-        two_workers.next_batch()
-    state = two_workers.state_dict()
-    two_workers.close()
-    one_worker = ShardStream(url, global_batch=16, seed=5, num_workers=0, shuffle_block=16)
-    assert one_worker.load_state_dict(state) == "approximate"
-    assert one_worker.state_dict()["progress"] == pytest.approx(state["progress"], abs=0.01)
+        for stream in ranks:
+            stream.next_batch()
+    state = merge_stream_states([stream.state_dict() for stream in ranks])
+    assert sorted(state["slots"]) == ["0", "1"]
+    exact = ShardStream(url, global_batch=16, seed=5, rank=1, world_size=2, num_workers=0, shuffle_block=16)
+    assert exact.load_state_dict(state) == "exact"
+    assert torch.equal(exact.next_batch()["index"], ranks[1].next_batch()["index"])
+    single = ShardStream(url, global_batch=16, seed=5, num_workers=0, shuffle_block=16)
+    assert single.load_state_dict(state) == "approximate"
+    assert single.state_dict()["progress"] == pytest.approx(state["progress"], abs=0.01)
 
 
 def test_resume_refuses_other_shards_or_seed(tmp_path):
@@ -215,30 +229,68 @@ def test_missing_manifest_and_empty_shard_list_are_errors(tmp_path):
         ShardStream(str(root), global_batch=16, seed=0)
 
 
-class FlakyFilesystem:
-    """Fault injection (a real S3 server cannot be made to drop connections on cue): the first ``failures``
-    opens raise ConnectionResetError, then the real filesystem answers."""
+class FlakyFile:
+    """Raises ConnectionResetError once ``fail_after`` bytes have been read: a connection dropped mid-body."""
 
-    def __init__(self, fs, failures: int):
-        self.fs, self.failures = fs, failures
+    def __init__(self, f, fail_after: int):
+        self.f, self.left = f, fail_after
+
+    def read(self, n=-1):
+        if self.left <= 0:
+            raise ConnectionResetError("connection reset by peer (injected, mid-read)")
+        data = self.f.read(n if n >= 0 else self.left)
+        self.left -= len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+class FlakyFilesystem:
+    """Fault injection (a real S3 server cannot be made to drop connections on cue): the first ``open_failures``
+    opens raise ConnectionResetError, and the next ``read_failures`` opened files break after ``fail_after`` bytes;
+    then the real filesystem answers."""
+
+    def __init__(self, fs, open_failures: int = 0, read_failures: int = 0, fail_after: int = 20_000):
+        self.fs, self.open_failures, self.read_failures, self.fail_after = fs, open_failures, read_failures, fail_after
 
     def open(self, path, mode="rb"):
-        if self.failures:
-            self.failures -= 1
+        if self.open_failures:
+            self.open_failures -= 1
             raise ConnectionResetError("connection reset by peer (injected)")
+        if self.read_failures:
+            self.read_failures -= 1
+            return FlakyFile(self.fs.open(path, mode), self.fail_after)
         return self.fs.open(path, mode)
 
 
 def test_transient_errors_are_retried_with_backoff(tmp_path):
     url = str(tmp_path / "digits")
     write_digits(url)
+    clean = list(ShardReader([f"{url}/train-000000.tar"]).shard_records(0, 0, 60))
     reader = ShardReader([f"{url}/train-000000.tar"], retries=3, backoff_s=0.01)
-    reader._fs = FlakyFilesystem(fsspec.filesystem("file"), failures=2)
+    reader._fs = FlakyFilesystem(fsspec.filesystem("file"), open_failures=2, read_failures=2)
+    reader._fs_pid = os.getpid()
     records = list(reader.shard_records(0, 0, 60))
-    assert reader.transient_errors == 2 and all(r is not None for r in records) and len(records) == 60
-    reader._fs = FlakyFilesystem(fsspec.filesystem("file"), failures=9)
+    assert reader.transient_errors == 4
+    assert [r["__key__"] for r in records] == [r["__key__"] for r in clean]   # none lost, none repeated
+    assert all(r["npy"] == c["npy"] for r, c in zip(records, clean))
+    reader._fs = FlakyFilesystem(fsspec.filesystem("file"), open_failures=9)
     with pytest.raises(ShardUnreadable, match="giving up after 3 retries"):
         list(reader.shard_records(0, 0, 60))
+
+
+def test_a_reader_with_nothing_decodable_fails_instead_of_spinning(tmp_path):
+    url = tmp_path / "digits"
+    write_digits(str(url))
+    manifest = json.loads((url / "manifest.json").read_text())
+    (url / "manifest.json").write_text(json.dumps({**manifest, "sample_shape": [1, 9, 9]}))
+    stream = ShardStream(str(url), global_batch=16, seed=0, num_workers=0)
+    with pytest.raises(DataUnusable, match=r"no record of its \d+ in epoch 0 decodes.*shape \(1, 8, 8\)"):
+        stream.next_batch()
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -255,6 +307,26 @@ def test_writer_ranks_never_collide_and_the_last_writes_the_manifest(s3_bucket):
     assert sorted(stream.next_batch()["index"].tolist()) == list(range(1437))
 
 
+def test_a_rewrite_ignores_parts_left_by_an_earlier_write(tmp_path):
+    url = str(tmp_path / "rewritten")
+    source = open_source("digits")
+    write_shards(source, url, samples_per_shard=100, show_progress=False)              # world size 1
+    assert write_shards(source, url, samples_per_shard=100, rank=1, world_size=2, show_progress=False) is None
+    assert not (tmp_path / "rewritten" / "manifest.json").exists()   # withdrawn: the set is being rewritten
+    manifest = write_shards(source, url, samples_per_shard=100, rank=0, world_size=2, show_progress=False)
+    assert [s["first_index"] for s in manifest["shards"]] == list(range(0, 1437, 100))
+
+
+def test_writer_shuffles_grouped_sources_into_mixed_shards(tmp_path):
+    x = np.zeros((400, 2), dtype=np.float32)
+    y = np.repeat(np.arange(4), 100)                                   # sorted by class, like an image folder
+    np.savez(tmp_path / "sorted.npz", x=x, y=y)
+    write_shards(open_source(f"npz:{tmp_path / 'sorted.npz'}"), str(tmp_path / "mixed"), samples_per_shard=50,
+                 show_progress=False)
+    first_shard = ShardStream(str(tmp_path / "mixed"), global_batch=50, seed=0, num_workers=0, shuffle_block=50)
+    assert len(set(first_shard.next_batch()["y"].tolist())) == 4
+
+
 def test_image_folder_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     images = {}
@@ -269,6 +341,10 @@ def test_image_folder_round_trip(tmp_path):
     manifest = write_shards(source, str(tmp_path / "shards"), samples_per_shard=2, show_progress=False)
     assert manifest["class_names"] == ["cat", "dog"] and manifest["sample_shape"] == [3, 12, 12]
     batch = ShardStream(str(tmp_path / "shards"), global_batch=6, seed=0, num_workers=0).next_batch()
-    for x, y, i in zip(batch["x"], batch["y"], batch["index"]):
-        expected = torch.from_numpy(images[(int(y), int(i) % 3)]).permute(2, 0, 1).float() / 127.5 - 1
-        assert torch.equal(x, expected)
+    found = set()
+    for x, y in zip(batch["x"], batch["y"]):
+        matches = [k for (c, k), arr in images.items()
+                   if c == int(y) and torch.equal(x, torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1)]
+        assert len(matches) == 1
+        found.add((int(y), matches[0]))
+    assert found == set(images)

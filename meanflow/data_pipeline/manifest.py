@@ -46,19 +46,22 @@ def write_part(root: str, rank: int, part: dict[str, Any]) -> None:
     write_bytes_atomic(join(root, part_name(rank)), json.dumps(part, indent=1).encode())
 
 
-def merge_parts_if_complete(root: str, world_size: int) -> dict[str, Any] | None:
-    """Merge every writer rank's part into ``manifest.json`` once all ``world_size`` parts exist.
+def merge_parts_if_complete(root: str, world_size: int, write_id: str) -> dict[str, Any] | None:
+    """Merge every writer rank's part into ``manifest.json`` once all ``world_size`` parts of this write exist.
 
-    Called by each rank after writing its part; the last to finish finds them all. Two ranks that both see a
-    complete set write byte-identical manifests, so the race is harmless.
+    Called by each rank after writing its part; the last to finish finds them all. Parts left by an earlier write
+    (another world size or source) carry another ``write_id`` and are ignored. Two ranks that both see a complete
+    set write byte-identical manifests, so that race is harmless.
     """
-    fs, path = filesystem(root)
-    present = {posixpath.basename(p) for p in fs.ls(join(path, PARTS_DIR), detail=False)} \
-        if fs.exists(join(path, PARTS_DIR)) else set()
-    wanted = [part_name(r) for r in range(world_size)]
-    if not all(posixpath.basename(w) in present for w in wanted):
-        return None
-    parts = [json.loads(read_bytes(join(root, w))) for w in wanted]
+    parts = []
+    for rank in range(world_size):
+        try:
+            part = json.loads(read_bytes(join(root, part_name(rank))))
+        except FileNotFoundError:
+            return None
+        if part.get("write_id") != write_id:
+            return None
+        parts.append(part)
     manifest = merge_parts(parts)
     write_bytes_atomic(join(root, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
     return manifest
@@ -69,21 +72,35 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise ManifestError("no writer rank wrote a shard")
     first = parts[0]
-    for key in ("kind", "name", "sample_shape", "dtype", "num_classes", "samples_per_shard"):
-        values = {json.dumps(p[key]) for p in parts}
+    for key in ("kind", "name", "sample_shape", "dtype", "num_classes", "samples_per_shard", "num_shards",
+                "vae", "normalization"):
+        values = {json.dumps(p.get(key), sort_keys=True) for p in parts}
         if len(values) > 1:
             raise ManifestError(f"writer ranks disagree on manifest key {key!r}: {sorted(values)}")
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["first_index"])
+    expected = [shard_name(first["prefix"], k) for k in range(first["num_shards"])]
+    if [s["name"] for s in shards] != expected:
+        raise ManifestError(f"writer parts cover shards {[s['name'] for s in shards]}, expected {expected}")
     manifest = {k: v for k, v in first.items() if k not in ("shards", "channel_sums", "rank")}
     manifest.update(format=FORMAT_VERSION, shards=shards, total=sum(s["count"] for s in shards))
-    if "channel_sums" in first:   # latents: per-channel mean/std of posterior means over the whole set
+    if "channel_sums" in first:   # latents: per-channel statistics of posterior samples over the whole set
         count = sum(p["channel_sums"]["count"] for p in parts)
         s1 = [sum(p["channel_sums"]["sum"][c] for p in parts) for c in range(len(first["channel_sums"]["sum"]))]
         s2 = [sum(p["channel_sums"]["sum_sq"][c] for p in parts) for c in range(len(s1))]
         mean = [v / count for v in s1]
         std = [max(q / count - m * m, 0.0) ** 0.5 for q, m in zip(s2, mean)]
-        manifest["normalization"]["measured"] = {"channel_mean": mean, "channel_std": std}
+        manifest["normalization"] = {**manifest["normalization"],
+                                     "measured": {"channel_mean": mean, "channel_std": std}}
     return manifest
+
+
+def remove_manifest(root: str) -> None:
+    """A rewrite starts by withdrawing the old manifest: its presence must keep meaning "complete"."""
+    fs, path = filesystem(root)
+    try:
+        fs.rm(join(path, MANIFEST_NAME))
+    except FileNotFoundError:
+        pass
 
 
 def manifest_root(url: str) -> str:

@@ -6,6 +6,7 @@ Kinds (``manifest["kind"]``):
 - ``latent``: ``<key>.latent.npy`` (2 flips, 2 moments (mean, std), C, H, W) + ``<key>.cls``; the stream draws
   ``mean + std·ε`` of a randomly chosen flip at every visit (a fresh posterior sample each epoch) and normalises
   it with MF's scale or iMF's per-channel statistics.
+Every kind may also carry ``<key>.src``, the index of the source item (provenance: the writer shuffles the order).
 The key is the global sample index (zero-padded), so a record names its own index.
 """
 
@@ -39,9 +40,13 @@ def _npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def encode_record(kind: str, index: int, value: Any, label: int | None) -> dict[str, Any]:
-    """Tar members of one sample. ``value``: uint8 array (H, W, C) for images, float array otherwise."""
+def encode_record(kind: str, index: int, value: Any, label: int | None,
+                  source_index: int | None = None) -> dict[str, Any]:
+    """Tar members of one sample. ``value``: uint8 array (H, W, C) for images, float array otherwise;
+    ``source_index`` (stored as ``<key>.src``) says which source item it came from, for provenance."""
     record: dict[str, Any] = {"__key__": sample_key(index)}
+    if source_index is not None:
+        record["src"] = str(int(source_index)).encode()
     if kind == "image":
         arr = np.asarray(value, dtype=np.uint8)
         buf = io.BytesIO()
@@ -65,6 +70,7 @@ class RecordDecoder:
         self.kind, self.shape = manifest["kind"], tuple(manifest["sample_shape"])
         self.num_classes = int(manifest["num_classes"])
         self.seed, self.latent_flip = seed, latent_flip
+        self.last_error = ""
         if self.kind == "latent":
             if latent_norm not in LATENT_NORMS:
                 raise ValueError(f"data.latent_norm: {latent_norm!r}, expected one of {LATENT_NORMS}")
@@ -79,13 +85,15 @@ class RecordDecoder:
 
     def __call__(self, record: dict[str, Any] | None, epoch: int) -> dict[str, torch.Tensor] | None:
         if record is None:
+            self.last_error = "record lost (truncated or unreadable tar)"
             return None
         try:
             return self._decode(record, epoch)
-        except Exception:   # any undecodable member (bad PNG, bad npy header, wrong shape, bad label) = corrupt
+        except Exception as err:   # any undecodable member (bad PNG, bad npy header, bad label) = corrupt
+            self.last_error = f"record {record.get('__key__')}: {type(err).__name__}: {err}"
             return None
 
-    def _decode(self, record: dict[str, Any], epoch: int) -> dict[str, torch.Tensor] | None:
+    def _decode(self, record: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
         index = int(record["__key__"])
         if self.kind == "image":
             with Image.open(io.BytesIO(record["png"])) as im:
@@ -97,12 +105,12 @@ class RecordDecoder:
             x = self._sample_latent(torch.from_numpy(_npy_load(record["latent.npy"]).astype(np.float32)),
                                     index, epoch)
         if tuple(x.shape) != self.shape or not torch.isfinite(x).all():
-            return None
+            raise ValueError(f"shape {tuple(x.shape)} (manifest: {self.shape}) or non-finite values")
         out = {"x": x, "index": torch.tensor(index)}
         if self.num_classes:
             y = int(record["cls"])
             if not 0 <= y < self.num_classes:
-                return None
+                raise ValueError(f"label {y} outside [0, {self.num_classes})")
             out["y"] = torch.tensor(y)
         return out
 

@@ -1,5 +1,6 @@
 """Write a source as WebDataset tar shards (optionally as VAE latents) to any fsspec URL, then the manifest.
 
+Global sample i is source item order[i] (a seeded permutation; ``shuffle_seed=None`` keeps the source order).
 Shard k holds global samples [k·S, (k+1)·S); writer rank r of W writes shards r, r+W, r+2W, … and a manifest part;
 the last rank to finish merges the parts into ``manifest.json``. Each shard is assembled in memory and published
 in one write (temp-then-rename locally, one PUT on object stores), so a reader never sees half a shard.
@@ -7,7 +8,9 @@ in one write (temp-then-rename locally, one PUT on object stores), so a reader n
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from meanflow.platform.storage import join, write_bytes_atomic
 
-from .manifest import merge_parts_if_complete, shard_name, write_part
+from .manifest import merge_parts_if_complete, remove_manifest, shard_name, write_part
 from .records import encode_record
 from .sources import Source
 from .vae import LoadedVAE, encode_moments, normalization_block
@@ -51,7 +54,7 @@ class LatentChannelSums:
 
 def write_shards(source: Source, out_url: str, *, samples_per_shard: int = 1000, prefix: str = "train",
                  rank: int = 0, world_size: int = 1, vae: LoadedVAE | None = None, latent_dtype: str = "float32",
-                 batch_size: int = 64, device: str | torch.device = "cpu",
+                 batch_size: int = 64, device: str | torch.device = "cpu", shuffle_seed: int | None = 0,
                  show_progress: bool = True) -> dict[str, Any] | None:
     """Write this rank's shards and manifest part; returns the manifest if this rank completed it, else None."""
     if samples_per_shard <= 0:
@@ -63,20 +66,28 @@ def write_shards(source: Source, out_url: str, *, samples_per_shard: int = 1000,
     kind = "latent" if vae is not None else source.kind
     num_shards = -(-len(source) // samples_per_shard)
     mine = list(range(rank, num_shards, world_size))
+    # Global index i holds source item order[i]: a seeded shuffle, because sources come grouped (an image folder
+    # is sorted by class) and the stream only shuffles within blocks of consecutive records.
+    order = np.random.default_rng(shuffle_seed).permutation(len(source)) if shuffle_seed is not None \
+        else np.arange(len(source))
+    write_id = hashlib.sha256(json.dumps([source.name, len(source), kind, samples_per_shard, prefix, world_size,
+                                          shuffle_seed, vae.weights_sha256 if vae else None]).encode()).hexdigest()
+    remove_manifest(out_url)
     sums = LatentChannelSums() if vae is not None else None
     shards, sample_shape, dtype = [], None, None
     bar = tqdm(total=sum(min(samples_per_shard, len(source) - k * samples_per_shard) for k in mine),
                desc=f"writing shards (rank {rank}/{world_size})", unit="sample", disable=not show_progress)
     for k in mine:
         indices = range(k * samples_per_shard, min((k + 1) * samples_per_shard, len(source)))
-        items = [source[i] for i in indices]
+        items = [source[int(order[i])] for i in indices]
         values = [np.asarray(v) for v, _ in items]
         if vae is not None:
             moments = np.concatenate([encode_moments(vae, np.stack(values[s:s + batch_size]), device)
                                       for s in range(0, len(values), batch_size)]).astype(latent_dtype)
             sums.add(moments)
             values = list(moments)
-        records = [encode_record(kind, i, v, label) for i, v, (_, label) in zip(indices, values, items)]
+        records = [encode_record(kind, i, v, label, source_index=int(order[i]))
+                   for i, v, (_, label) in zip(indices, values, items)]
         name = shard_name(prefix, k)
         write_bytes_atomic(join(out_url, name), _tar_bytes(records))
         shards.append({"name": name, "first_index": indices[0], "count": len(indices)})
@@ -86,8 +97,9 @@ def write_shards(source: Source, out_url: str, *, samples_per_shard: int = 1000,
         dtype = str(first.dtype)
         bar.update(len(indices))
     bar.close()
-    part = {"rank": rank, "kind": kind, "name": source.name, "sample_shape": sample_shape, "dtype": dtype,
-            "num_classes": source.num_classes, "samples_per_shard": samples_per_shard, "shards": shards}
+    part = {"rank": rank, "write_id": write_id, "kind": kind, "name": source.name, "sample_shape": sample_shape,
+            "dtype": dtype, "num_classes": source.num_classes, "samples_per_shard": samples_per_shard,
+            "prefix": prefix, "num_shards": num_shards, "shuffle_seed": shuffle_seed, "shards": shards}
     if source.class_names:
         part["class_names"] = source.class_names
     if vae is not None and sums.count:
@@ -95,4 +107,4 @@ def write_shards(source: Source, out_url: str, *, samples_per_shard: int = 1000,
         part["normalization"] = normalization_block(vae)
         part["channel_sums"] = sums.as_dict()
     write_part(out_url, rank, part)
-    return merge_parts_if_complete(out_url, world_size)
+    return merge_parts_if_complete(out_url, world_size, write_id)

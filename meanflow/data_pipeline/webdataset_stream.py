@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import warnings
 from typing import Any
 
 import torch
@@ -24,6 +25,10 @@ from .shard_plan import ShardPlan, SlotPosition
 from .shard_reader import ShardReader
 
 PRIVATE = ("_slot", "_epoch", "_record", "_skipped")
+
+
+class DataUnusable(RuntimeError):
+    """A reader went through a whole epoch of its shards without one decodable record."""
 
 
 class ShardDataset(IterableDataset):
@@ -48,6 +53,7 @@ class ShardDataset(IterableDataset):
         epoch, block_start = start.epoch, start.record - start.record % block
         records = self.reader.slot_records(plan, slot, SlotPosition(epoch, block_start))
         first = start.record - block_start
+        emitted_this_epoch, read_this_epoch = 0, 0
         while True:
             length = plan.slot_length(epoch, slot)
             n = min(block, length - block_start)
@@ -55,20 +61,36 @@ class ShardDataset(IterableDataset):
             order = plan.block_permutation(epoch, slot, block_start // block, n)
             for j in range(first, n):
                 sample = self.decoder(rows[order[j]], epoch)
+                read_this_epoch += 1
                 if sample is None:
                     skipped += 1
                     continue
+                emitted_this_epoch += 1
                 after = block_start + j + 1   # the position after this record; the epoch's end is the next's start
                 yield {**sample, "_slot": slot, "_epoch": epoch + (after == length),
                        "_record": after % length, "_skipped": skipped}
             first, block_start = 0, block_start + n
             if block_start == length:
+                if emitted_this_epoch == 0 and read_this_epoch > 0:   # would loop forever, silently
+                    raise DataUnusable(f"slot {slot}: no record of its {read_this_epoch} in epoch {epoch} decodes "
+                                       f"(shards {[self.reader.urls[k] for k in plan.slot_shards(epoch, slot)]}); "
+                                       f"last error: {self.decoder.last_error}")
                 epoch, block_start = epoch + 1, 0
+                emitted_this_epoch, read_this_epoch = 0, 0
 
 
-def _fingerprint(urls: list[str], counts: list[int]) -> str:
+def _fingerprint(urls: list[str], manifest: dict[str, Any]) -> str:
+    """Identifies the sample sequence: the shards selected and the whole manifest (counts, write id, VAE, …)."""
     names = [u.rsplit("/", 1)[-1] for u in urls]
-    return hashlib.sha256(json.dumps([names, counts]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([names, manifest], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def merge_stream_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state for every rank's slots (what a checkpoint stores): the union of the ranks' ``slots``; progress is
+    the mean over ranks (all ranks consume the same number of batches)."""
+    merged = {**states[0], "slots": {k: v for s in states for k, v in s["slots"].items()}}
+    merged["progress"] = sum(s["progress"] for s in states) / len(states)
+    return merged
 
 
 class ShardStream:
@@ -86,7 +108,13 @@ class ShardStream:
         self.manifest = read_manifest(url)
         urls, counts = select_shards(url, self.manifest)
         self.plan = ShardPlan(counts, world_size * self.workers, self.seed, shuffle_block)
-        self.fingerprint = _fingerprint(urls, counts)
+        if len(counts) % self.plan.num_slots:
+            # Readers then get unequal shares per epoch and drift apart in epochs (each one still reads each of its
+            # records once per its own epoch): harmless for long runs, but worth knowing.
+            warnings.warn(f"data.url {url}: {len(counts)} shards over {self.plan.num_slots} readers (world size × "
+                          "data.num_workers) is uneven; a multiple keeps every reader's epoch the same length",
+                          stacklevel=2)
+        self.fingerprint = _fingerprint(urls, self.manifest)
         self.reader = ShardReader(urls, retries=io_retries)
         self.decoder = RecordDecoder(self.manifest, self.seed, latent_norm, latent_flip)
         self.my_slots = [rank * self.workers + w for w in range(self.workers)]
@@ -138,8 +166,11 @@ class ShardStream:
 
     # ------------------------------------------------------------------------------------------------ position
     def skip(self, n_samples: int) -> None:
-        """Advance past ``n_samples`` global samples (whole global batches) without reading them: each skipped
-        batch advances the slot that would have served it by one local batch of records."""
+        """Advance past ``n_samples`` global samples (whole global batches) without decoding them: each skipped
+        batch advances the slot that would have served it by one local batch of records. Corrupt records inside
+        the skipped window count as records, so after bad data the landing point can differ from reading by
+        those few records; it is the same in every rerun. The next batch re-reads the current shard up to the
+        landing point (tar has no index), but decodes nothing before it."""
         if n_samples % self.global_batch:
             raise ValueError(f"skip({n_samples}): must be a multiple of the global batch {self.global_batch}")
         for k in range(n_samples // self.global_batch):
@@ -157,8 +188,10 @@ class ShardStream:
                           for s, p in self.positions.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> str:
-        """Restore a position; returns "exact" or, when the world size, data workers, batch or shuffle block
-        changed, "approximate" (every slot restarts at the same fraction of the same epoch)."""
+        """Restore a position (a ``state_dict`` or ``merge_stream_states`` of every rank's); returns "exact", or,
+        when the world size, data workers, batch or shuffle block changed, "approximate": every reader restarts at
+        the mean epoch progress of the saved readers (the global sample offset expressed as a fraction of the
+        epoch); samples near the cut may be repeated or missed."""
         if state.get("kind") != "webdataset":
             raise ValueError(f"checkpoint data state is {state.get('kind')!r}, config reads shards at {self.url}")
         for key, mine in (("fingerprint", self.fingerprint), ("seed", self.seed)):

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latent-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
     p.add_argument("--device", default="auto", help="VAE device: auto | cpu | cuda")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="global sample order = this seeded permutation of the source (sources come grouped by "
+                        "class); -1 keeps the source order")
     p.add_argument("--rank", type=int)
     p.add_argument("--world-size", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
         vae = load_vae(args.vae, args.vae_id, device) if args.vae else None
         manifest = write_shards(source, args.out, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                                 rank=rank, world_size=world, vae=vae, latent_dtype=args.latent_dtype,
-                                batch_size=args.batch_size, device=device, show_progress=not args.quiet)
+                                batch_size=args.batch_size, device=device, show_progress=not args.quiet,
+                                shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed)
     except (ValueError, FileNotFoundError, PermissionError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
