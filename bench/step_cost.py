@@ -20,7 +20,7 @@ from meanflow.data_pipeline import build_embedded_stream
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.platform.config import load_config
-from meanflow.platform.engine import SingleProcessEngine
+from meanflow.platform.engines import build_engine
 from meanflow.jobs.train import resolve_device
 
 OBJECTIVES = ("fm", "mf", "imf", "sg_lambda", "stability", "tangent_beta")
@@ -33,7 +33,7 @@ def time_objective(cfg, name: str, steps: int, warmup: int, device) -> tuple[flo
     if name == "imf" and cfg.model.family != "imf_dit":
         cfg.objective.imf.tangent = "boundary"
     torch.manual_seed(0)
-    engine = SingleProcessEngine(build_model(cfg.model), cfg.optim, device)
+    engine = build_engine(cfg.engine, cfg.optim, lambda: build_model(cfg.model), device, world_size=1)
     objective = build_objective(cfg.objective, cfg.model.num_classes)
     stream = build_embedded_stream(cfg.data.name, cfg.data.global_batch, cfg.run.seed)
     ctx = ObjectiveContext.single_process(cfg.data.global_batch, cfg.run.seed, ema_model=engine.ema_model)

@@ -34,12 +34,17 @@ def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_existing_run_dir_is_refused_without_resume(tmp_path):
+def test_run_dir_of_another_experiment_is_refused(tmp_path):
     Trainer(toy_cfg(tmp_path, "run.steps=5")).run()
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    with pytest.raises(ConfigError, match="--resume"):
-        Trainer(toy_cfg(tmp_path, "run.steps=5")).run()
+    with pytest.raises(ConfigError, match="another 'objective' section"):
+        Trainer(toy_cfg(tmp_path, "run.steps=10", "objective.name=fm")).run()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no committed checkpoint"):
+        Trainer(toy_cfg(tmp_path, "run.steps=5", "run.resume=true")).run()
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):

@@ -17,5 +17,13 @@ def build_stream(data_cfg, seed: int, rank: int = 0, world_size: int = 1):
     return build_embedded_stream(data_cfg.name, data_cfg.global_batch, seed, rank, world_size)
 
 
-__all__ = ["EMBEDDED_NAMES", "EmbeddedStream", "build_embedded_stream", "build_stream", "TOY_NAMES",
-           "sample_toy"]
+def merge_stream_states(states: list[dict]) -> dict:
+    """Every rank's ``state_dict()`` as the one state a checkpoint stores (and any rank can load)."""
+    if states[0].get("kind") == "webdataset":
+        from meanflow.data_pipeline.webdataset_stream import merge_stream_states as merge_shard_states
+        return merge_shard_states(states)
+    return states[0]   # embedded: a pure function of the batch count, the same on every rank
+
+
+__all__ = ["EMBEDDED_NAMES", "EmbeddedStream", "build_embedded_stream", "build_stream", "merge_stream_states",
+           "TOY_NAMES", "sample_toy"]

@@ -46,8 +46,9 @@ def generate(model, stream, model_cfg, eval_cfg, device, labels=None) -> torch.T
         model.train(was_training)
 
 
-def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
-    """Sample, score, draw; returns the metrics dict (also written to <run_dir>/eval/final/metrics.json)."""
+def evaluate_run(model, stream, cfg, run_dir: str, device, step: int, write: bool = True) -> dict:
+    """Sample, score, draw; returns the metrics dict (also written to <run_dir>/eval/final/metrics.json unless
+    ``write`` is false: ranks other than 0 sample with a sharded model but write nothing)."""
     from meanflow.platform.storage import join, write_bytes_atomic
 
     start = time.perf_counter()
@@ -58,7 +59,7 @@ def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
         real = stream.real_samples(cfg.eval.num_samples, seed=cfg.eval.seed + 1)
         metrics["sw1"] = sliced_wasserstein(samples, real, num_directions=500, p=1, seed=0)
         metrics["sw2"] = sliced_wasserstein(samples, real, num_directions=500, p=2, seed=0)
-        if samples.shape[1] == 2:
+        if samples.shape[1] == 2 and write:
             save_scatter_png(samples, join(out_dir, "samples.png"), reference=real,
                              title=f"{stream.name}: {cfg.eval.nfe}-NFE, SW1 {metrics['sw1']:.3f}")
     elif stream.name == "digits" and tuple(stream.sample_shape) == digits.IMAGE_SHAPE:
@@ -69,11 +70,14 @@ def evaluate_run(model, stream, cfg, run_dir: str, device, step: int) -> dict:
             metrics["guidance"] = {"omega": cfg.eval.omega, "t_min": cfg.eval.t_min, "t_max": cfg.eval.t_max}
         k = stream.num_classes
         per_class = torch.cat([samples[labels == c][:k] for c in range(k)])   # row c: k samples of class c
-        save_image_grid(per_class, join(out_dir, "samples.png"), nrow=k)
+        if write:
+            save_image_grid(per_class, join(out_dir, "samples.png"), nrow=k)
     elif getattr(stream, "kind", "array") != "latent":   # other pixel data: a sample grid (FID: the eval job)
         labels = torch.arange(64) % stream.num_classes if stream.num_classes else None
         samples = generate(model, stream, cfg.model, cfg.eval, device, labels=labels)
-        save_image_grid(samples[:64], join(out_dir, "samples.png"), nrow=8)
+        if write:
+            save_image_grid(samples[:64], join(out_dir, "samples.png"), nrow=8)
     metrics["wall_s"] = round(time.perf_counter() - start, 2)
-    write_bytes_atomic(join(out_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
+    if write:
+        write_bytes_atomic(join(out_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
     return metrics

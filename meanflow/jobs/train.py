@@ -1,7 +1,8 @@
 """The training job. Reads top to bottom: build, resume, loop (guarded steps), save, evaluate.
 
-Single process for now; the engine, checkpoint store, data stream and guard are separate parts so the distributed
-engines, the WebDataset stream and the rollback guard slot in without changing this loop's shape.
+Every rank runs this same loop. The world comes from the launcher's environment (``platform.distributed``); each
+rank reads its own rows of every global batch, the engine synchronises gradients, stats are averaged over ranks
+in one collective, and rank 0 alone writes metrics, logs and the checkpoint COMMIT.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ import sys
 import time
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from meanflow.data_pipeline import build_stream
+from meanflow.data_pipeline import build_stream, merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
 from meanflow.evaluation.run_report import evaluate_run
 from meanflow.models import build_model, count_parameters
-from meanflow.objectives import ObjectiveContext, build_objective
-from meanflow.platform.checkpoint import CheckpointStore
+from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
+from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
 from meanflow.platform.config import ConfigError, save_config
-from meanflow.platform.engine import SingleProcessEngine
+from meanflow.platform.distributed import (all_gather_objects, all_reduce_mean, init_distributed, resolve_env,
+                                           shutdown)
+from meanflow.platform.engines import build_engine, jvp_smoke_test
 from meanflow.platform.metrics import MetricsSink, ProgressLine
-from meanflow.platform.storage import join, write_bytes_atomic
+from meanflow.platform.rng import rng_state, set_rng_state
+from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
 
 
 class TrainingFailed(RuntimeError):
@@ -42,8 +46,11 @@ class Trainer:
         self.cfg, self.stdout = cfg, stdout
         self.device = resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
+        self.env = resolve_env()
+        init_distributed(self.env, self.device, cfg.engine.process_group_timeout_s,
+                         required=cfg.engine.kind == "fsdp2")
         try:
-            self.stream = build_stream(cfg.data, cfg.run.seed)
+            self.stream = build_stream(cfg.data, cfg.run.seed, self.env.rank, self.env.world_size)
         except (ValueError, OSError) as err:   # no manifest, missing shard, too few shards: bad input, exit 2
             raise ConfigError(f"data: {err}") from err
         if cfg.model.num_classes != self.stream.num_classes:
@@ -53,50 +60,89 @@ class Trainer:
         if cfg.model.family != "mlp" and tuple(self.stream.sample_shape) != model_shape:
             raise ConfigError(f"model.in_channels/image_size: the model takes {model_shape}, but the data "
                               f"({self.stream.name}) holds samples of shape {tuple(self.stream.sample_shape)}")
-        torch.manual_seed(cfg.run.seed)                      # model initialisation
-        self.engine = SingleProcessEngine(build_model(cfg.model), cfg.optim, self.device)
+
+        def model_factory():
+            torch.manual_seed(cfg.run.seed)                  # the same initial weights on every rank and rebuild
+            return build_model(cfg.model)
+
+        try:
+            self.engine = build_engine(cfg.engine, cfg.optim, model_factory, self.device, self.env.world_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
-        self.store = CheckpointStore(join(self.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last)
-        self.metrics = MetricsSink(join(self.run_dir, "metrics.jsonl"))
+        ckpt = cfg.checkpoint
+        self.store = CheckpointStore(ckpt.url or join(self.run_dir, "checkpoints"), keep_last=ckpt.keep_last,
+                                     keep_every=ckpt.keep_every, rank=self.env.rank,
+                                     upload_timeout_s=ckpt.upload_timeout_s, max_outage_s=ckpt.max_outage_s)
+        self.metrics = MetricsSink(join(self.run_dir, "metrics.jsonl")) if self.env.is_main else None
+        self.local_batch = cfg.data.global_batch // self.env.world_size
         self.step = 0
+        self.saved_step: int | None = None
         self.consecutive_skips = 0
 
     # ------------------------------------------------------------------------------------------------ resume
+    def _check_same_run(self) -> None:
+        """Resuming continues the same experiment: the model, objective and data must match the stored config."""
+        try:
+            stored = OmegaConf.create(read_bytes(join(self.run_dir, "config.yaml")).decode())
+        except FileNotFoundError:
+            return
+        for section in ("model", "objective", "data"):
+            if OmegaConf.to_container(stored[section]) != OmegaConf.to_container(self.cfg[section]):
+                raise ConfigError(f"run.run_dir: {self.run_dir} holds checkpoints of a run with another '{section}' "
+                                  "section; choose another --run-dir to start a new run")
+
     def resume_or_start(self) -> None:
-        latest = self.store.latest()
-        if latest is not None and not self.cfg.run.resume:
-            raise ConfigError(f"run.run_dir: {self.run_dir} already holds checkpoints (latest step {latest}); "
-                              "pass --resume to continue it or choose another --run-dir")
-        if latest is not None:
-            state, meta = self.store.load(latest)
-            self.engine.load_state_dict(state)
-            data_resume = self.stream.load_state_dict(meta["data"])   # before the first batch is read
-            self.step = meta["step"]
-            self.log(f"resumed from {self.store.step_url(latest)} at step {self.step} (data position: "
-                     f"{data_resume})")
-        write_bytes_atomic(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
+        """Continue from the newest verified checkpoint when the run directory holds one (a requeued job, or
+        --resume), else start. The data position is restored before the first batch is read."""
+        if self.store.latest() is None and self.cfg.run.resume:
+            raise ConfigError(f"run.resume: {self.run_dir} holds no committed checkpoint to resume from")
+        if self.store.latest() is not None:
+            self._check_same_run()
+            step, train_state, meta = self.store.load_latest(self.engine)
+            if step is not None:
+                self.stream.load_state_dict(meta["data"])
+                self._restore_rng(train_state["rng"])
+                self.step = self.saved_step = step
+                self.log(f"resumed from {self.store.step_url(step)} at step {step}")
+        if self.env.is_main:
+            write_bytes_atomic(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
+
+    def _restore_rng(self, per_rank: list[dict]) -> None:
+        if len(per_rank) == self.env.world_size:
+            set_rng_state(per_rank[self.env.rank])
 
     def save(self) -> str:
-        meta = {"step": self.step, "healthy": self.consecutive_skips == 0, "data": self.stream.state_dict()}
-        return self.store.save(self.step, self.engine.state_dict(), metadata=meta)
+        data_state = merge_stream_states(all_gather_objects(self.stream.state_dict()))
+        train_state = {"step": self.step, "rng": all_gather_objects(rng_state())}
+        meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
+                "data": data_state}
+        url = self.store.save(self.step, self.engine, train_state, meta, healthy=self.consecutive_skips == 0)
+        self.saved_step = self.step
+        return url
 
     # -------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; non-finite steps are skipped, not applied."""
         cfg = self.cfg
-        batch = self.stream.next_batch()
-        micro = cfg.data.global_batch // cfg.optim.grad_accum
+        batch = self.stream.next_batch()                      # this rank's rows of the global batch
+        accum = cfg.optim.grad_accum
+        micro = self.local_batch // accum
+        first_row = self.env.rank * self.local_batch          # where this rank's rows sit in the global batch
         totals: dict[str, torch.Tensor] = {}
-        for k in range(cfg.optim.grad_accum):
-            rows = torch.arange(k * micro, (k + 1) * micro)
-            mb = {key: (v[rows].to(self.device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
-            ctx = ObjectiveContext(seed=cfg.run.seed, global_batch=cfg.data.global_batch, rows=rows,
-                                   ema_model=self.engine.ema_model)
-            loss, stats = self.objective(self.engine.model, mb, self.step, ctx)
-            grad_norm = self.engine.backward(loss / cfg.optim.grad_accum)
+        for k in range(accum):
+            local = torch.arange(k * micro, (k + 1) * micro)
+            mb = {key: (v[local].to(self.device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
+            ctx = ObjectiveContext(seed=cfg.run.seed, global_batch=cfg.data.global_batch, rows=first_row + local,
+                                   ema_model=self.engine.ema_model, rank=self.env.rank,
+                                   world_size=self.env.world_size)
+            with self.engine.autocast():
+                loss, stats = self.objective(self.engine.model, mb, self.step, ctx)
+            grad_norm = self.engine.backward(loss.float() / accum, sync=k == accum - 1)
             for key, value in stats.items():
-                totals[key] = totals.get(key, 0) + value.detach().float().cpu() / cfg.optim.grad_accum
-        totals["grad_norm"] = grad_norm.cpu()
+                totals[key] = totals.get(key, 0) + value.detach().float() / accum
+        totals = self._mean_over_ranks(totals)
+        totals["grad_norm"] = grad_norm.float().cpu()
         finite = math.isfinite(totals["loss"].item()) and math.isfinite(totals["grad_norm"].item())
         if finite or not cfg.guard.skip_nonfinite:
             totals["lr"] = torch.tensor(self.engine.apply(self.step))
@@ -104,7 +150,7 @@ class Trainer:
         else:
             self.engine.skip()
             self.consecutive_skips += 1
-            self.metrics.write({"event": "skip", "step": self.step, "detector": "nonfinite",
+            self.write_metrics({"event": "skip", "step": self.step, "detector": "nonfinite",
                                 "loss": totals["loss"].item(), "grad_norm": totals["grad_norm"].item()})
             if self.consecutive_skips >= cfg.guard.max_consecutive_skips:
                 raise TrainingFailed(f"step {self.step}: {self.consecutive_skips} consecutive non-finite steps "
@@ -112,35 +158,60 @@ class Trainer:
         self.step += 1
         return totals
 
+    def _mean_over_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One all-reduce for every stat (same keys on every rank: objectives report a fixed set)."""
+        keys = sorted(stats)
+        values = all_reduce_mean(torch.stack([stats[k].reshape(()) for k in keys])).cpu()
+        return dict(zip(keys, values))
+
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            shutdown()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.resume_or_start()
+        if cfg.engine.jvp_smoke_test and cfg.objective.name != "fm":
+            conditions = guidance_conditions(2, 1.0, device=self.device) if cfg.model.family == "imf_dit" else None
+            error = jvp_smoke_test(self.engine, tuple(self.stream.sample_shape), cfg.model.num_classes,
+                                   self.device, seed=cfg.run.seed, conditions=conditions)
+            self.log(f"JVP smoke test ({self.engine.name}): relative error vs finite difference {error:.2e}")
         self.log(f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/"
                  f"{cfg.model.size} ({count_parameters(self.engine.model) / 1e6:.2f}M params), device "
                  f"{self.device}, run_dir {self.run_dir}")
-        progress = ProgressLine(cfg.run.steps, self.step, stream=self.stdout)
+        progress = ProgressLine(cfg.run.steps, self.step, stream=self.stdout if self.env.is_main else None)
         started = time.perf_counter()
         try:
             while self.step < cfg.run.steps:
                 stats = self.train_step()
                 if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
                     rate = progress.update(self.step, stats)
-                    self.metrics.write({"step": self.step, "steps_per_s": rate, **stats, **self.stream.metrics()})
+                    self.write_metrics({"step": self.step, "steps_per_s": rate, **stats, **self.stream.metrics()})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
                     self.save()
-        except ShardUnreadable as err:   # committed checkpoints stay; --resume continues once the store is back
+            if self.saved_step != self.step:
+                self.save()
+        except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:
             self.stream.close()   # stops DataLoader workers
-        self.save()
         self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s; evaluating")
         model = self.engine.ema_model or self.engine.model
-        report = evaluate_run(model, self.stream, cfg, self.run_dir, self.device, self.step)
-        self.metrics.write({"event": "eval", **report})
+        # Every rank samples (a sharded model's forward is collective); rank 0 scores and writes.
+        report = evaluate_run(model, self.stream, cfg, self.run_dir, self.device, self.step,
+                              write=self.env.is_main)
+        self.write_metrics({"event": "eval", **report})
         self.log("final eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in report.items()))
         return report
 
     def log(self, message: str) -> None:
-        print(message, file=self.stdout, flush=True)
+        if self.env.is_main:
+            print(message, file=self.stdout, flush=True)
+
+    def write_metrics(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)

@@ -1,8 +1,17 @@
-"""Checkpoint store: committed step directories under an fsspec URL.
+"""Checkpoint store: committed step directories under any fsspec URL (file://, s3://, memory://).
 
-Layout: ``<url>/step-00001234/{name}.pt`` for each component, then ``COMMIT.json`` last (step, sha256 and size of
-every file, and free-form metadata). A step counts only once COMMIT.json exists and every file has its recorded
-size; ``load`` verifies every sha256 before deserialising anything and loads with ``weights_only=True``.
+Layout of ``<url>/step-00001234/``:
+- ``model.pt``, ``optimizer.pt``, ``ema.pt``  replicated engines (single, ddp): written by rank 0
+- ``dcp/``                                  sharded engines (fsdp2): torch.distributed.checkpoint files; each rank
+                                            stages its shards locally, then uploads them
+- ``train_state.pt``                         step, every rank's RNG states, the data position of every reader, …
+- ``COMMIT.json``                            written last, by rank 0, after a barrier: step, ``healthy``, metadata,
+                                            and every file's size and sha256 (hashed from the bytes as uploaded)
+
+Only a directory with a COMMIT whose files all have their recorded sizes counts (``steps()``: one listing, no
+downloads). ``load`` verifies every sha256 before anything is deserialised (``torch.load(weights_only=True)``;
+DCP unpickles its ``.metadata`` only after the check). Resuming from "latest" falls back to the previous committed
+step, with a warning, when a file fails its check; loading a named step fails loudly.
 """
 
 from __future__ import annotations
@@ -10,84 +19,258 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import signal
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .distributed import all_gather_objects, barrier
 from .storage import filesystem, join, read_bytes, write_bytes_atomic
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
+COMMIT = "COMMIT.json"
+KILL_POINT_ENV = "MEANFLOW_CHECKPOINT_KILL_AT"
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
+_fault_point_visits: dict[str, int] = {}
+FAULT_HOOKS: dict[str, Any] = {}
+"""In-process fault tests register ``{"<point>@<n>": callable}`` (e.g. freeze the object store mid-save)."""
+
+
+def fault_point(name: str) -> None:
+    """Named points of the save path where fault tests strike: ``MEANFLOW_CHECKPOINT_KILL_AT=<name>@<n>`` kills
+    this process (SIGKILL: no cleanup, no flush) the n-th time the point is reached; ``FAULT_HOOKS`` runs a
+    registered callable there. A no-op otherwise."""
+    wanted = os.environ.get(KILL_POINT_ENV)
+    if not wanted and not FAULT_HOOKS:
+        return
+    _fault_point_visits[name] = _fault_point_visits.get(name, 0) + 1
+    visit = f"{name}@{_fault_point_visits[name]}"
+    if wanted == visit:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if visit in FAULT_HOOKS:
+        FAULT_HOOKS.pop(visit)()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+class StorageOutage(RuntimeError):
+    pass
+
+
+def call_with_timeout(fn, timeout_s: float):
+    """Run ``fn`` in a daemon thread and wait at most ``timeout_s``: a stalled upload (a store that accepts the
+    connection and never answers) cannot hang the caller. An abandoned call may still finish later; uploads
+    write the same bytes to the same key, so a late finish is harmless."""
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as err:   # reported to the caller's thread below
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g}s")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
 class CheckpointStore:
-    def __init__(self, url: str, keep_last: int = 3):
-        self.url, self.keep_last = url.rstrip("/"), keep_last
+    def __init__(self, url: str, keep_last: int = 3, keep_every: int = 0, rank: int = 0,
+                 upload_timeout_s: float = 300.0, max_outage_s: float = 1800.0, backoff_s: float = 1.0):
+        self.url, self.keep_last, self.keep_every, self.rank = url.rstrip("/"), keep_last, keep_every, rank
+        self.upload_timeout_s, self.max_outage_s, self.backoff_s = upload_timeout_s, max_outage_s, backoff_s
         self.fs, self.path = filesystem(self.url)
+        self.upload_retries = 0
+        self._pruner: threading.Thread | None = None
 
     def step_url(self, step: int) -> str:
         return join(self.url, f"step-{step:08d}")
 
-    def save(self, step: int, state: dict[str, Any], metadata: Optional[dict] = None) -> str:
-        """Write each component, then COMMIT.json; prune old steps. Returns the committed step URL."""
-        files = {}
-        for name, component in state.items():
-            buffer = io.BytesIO()
-            torch.save(component, buffer)
-            data = buffer.getvalue()
-            write_bytes_atomic(join(self.step_url(step), f"{name}.pt"), data)
-            files[f"{name}.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        commit = {"step": step, "files": files, "metadata": metadata or {}}
-        write_bytes_atomic(join(self.step_url(step), "COMMIT.json"), json.dumps(commit, indent=1).encode())
-        self._prune()
+    # ------------------------------------------------------------------------------------------------ save
+    def _upload(self, url: str, data: bytes) -> None:
+        """Write with a per-attempt timeout, retrying with backoff; give up loudly after ``max_outage_s``."""
+        started, attempt = time.monotonic(), 0
+        while True:
+            try:
+                call_with_timeout(lambda: write_bytes_atomic(url, data), self.upload_timeout_s)
+                return
+            except (OSError, TimeoutError) as err:
+                attempt += 1
+                self.upload_retries += 1
+                down = time.monotonic() - started
+                if down > self.max_outage_s:
+                    raise StorageOutage(f"checkpoint store unreachable for {down:.0f}s (> checkpoint.max_outage_s="
+                                        f"{self.max_outage_s:g}) writing {url}: {type(err).__name__}: {err}") from err
+                warnings.warn(f"checkpoint upload {url} failed ({type(err).__name__}: {err}); retry {attempt}",
+                              stacklevel=2)
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 30.0))
+
+    def _put(self, step: int, name: str, data: bytes) -> dict[str, dict]:
+        self._upload(join(self.step_url(step), name), data)
+        fault_point(f"wrote:{name}")
+        return {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+
+    def save(self, step: int, engine, train_state: dict[str, Any], metadata: dict[str, Any],
+             healthy: bool = True) -> str:
+        """Collective: every rank calls it. Writes the engine state, the train state, then COMMIT.json."""
+        files: dict[str, dict] = {}
+        if engine.checkpoint_format == "dcp":
+            files.update(self._save_dcp(step, engine.state_dict()))
+        elif self.rank == 0:
+            for name, component in engine.state_dict().items():
+                files.update(self._put(step, f"{name}.pt", _torch_bytes(component)))
+        if self.rank == 0:
+            files.update(self._put(step, "train_state.pt", _torch_bytes(train_state)))
+        every_rank_files = all_gather_objects(files)
+        barrier()                                   # every shard is up before anyone can see a COMMIT
+        if self.rank == 0:
+            fault_point("before-commit")
+            merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
+            commit = {"step": step, "healthy": healthy, "format": engine.checkpoint_format, "files": merged,
+                      "metadata": metadata}
+            self._upload(join(self.step_url(step), COMMIT), json.dumps(commit, indent=1).encode())
+            self.prune_in_background()
+        barrier()
         return self.step_url(step)
 
+    def _save_dcp(self, step: int, state: dict) -> dict[str, dict]:
+        """Each rank stages its DCP files in a local directory, then uploads them (hashing the bytes it sends)."""
+        import torch.distributed.checkpoint as dcp
+
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="meanflow-dcp-") as tmp:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True))
+            for path in sorted(Path(tmp).iterdir()):
+                files.update(self._put(step, f"dcp/{path.name}", path.read_bytes()))
+        return files
+
+    # ------------------------------------------------------------------------------------------------ find
     def _commit(self, step: int) -> Optional[dict]:
         try:
-            return json.loads(read_bytes(join(self.step_url(step), "COMMIT.json")))
+            return json.loads(read_bytes(join(self.step_url(step), COMMIT)))
         except FileNotFoundError:
             return None
 
-    def steps(self) -> list[int]:
-        """Committed steps, oldest first (COMMIT.json present and every file at its recorded size)."""
+    def commits(self) -> dict[int, dict]:
+        """Committed steps and their COMMIT records (COMMIT present, every file at its recorded size)."""
         if not self.fs.exists(self.path):
-            return []
+            return {}
+        self.fs.invalidate_cache(self.path)
         listing = self.fs.find(self.path, detail=True)   # one listing, sizes included
         sizes = {p[len(self.path):].strip("/"): info["size"] for p, info in listing.items()}
-        committed = []
+        committed = {}
         for key in sizes:
             step_dir, _, name = key.partition("/")
             match = STEP_DIR.match(step_dir)
-            if name != "COMMIT.json" or not match:
+            if name != COMMIT or not match:
                 continue
             commit = self._commit(int(match.group(1)))
             if commit and all(sizes.get(f"{step_dir}/{f}") == meta["bytes"] for f, meta in commit["files"].items()):
-                committed.append(int(match.group(1)))
-        return sorted(committed)
+                committed[int(match.group(1))] = commit
+        return dict(sorted(committed.items()))
+
+    def steps(self) -> list[int]:
+        return list(self.commits())
 
     def latest(self) -> Optional[int]:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def load(self, step: int) -> tuple[dict[str, Any], dict]:
-        """(state, metadata) of a committed step; every file's sha256 is checked before torch.load."""
+    # ------------------------------------------------------------------------------------------------ load
+    def _verified_bytes(self, step: int, commit: dict, name: str) -> bytes:
+        url = join(self.step_url(step), name)
+        data = read_bytes(url)
+        if hashlib.sha256(data).hexdigest() != commit["files"][name]["sha256"]:
+            raise CheckpointError(f"{url}: sha256 differs from COMMIT.json; refusing to load it")
+        return data
+
+    def load(self, step: int, engine) -> tuple[dict, dict]:
+        """Load a committed step into ``engine`` (collective for dcp); returns (train_state, metadata)."""
         commit = self._commit(step)
         if commit is None:
-            raise CheckpointError(f"{self.step_url(step)}: no COMMIT.json (not a committed checkpoint)")
-        state = {}
-        for fname, meta in commit["files"].items():
-            url = join(self.step_url(step), fname)
-            data = read_bytes(url)
-            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise CheckpointError(f"{url}: sha256 mismatch with COMMIT.json; refusing to load")
-            state[fname[: -len(".pt")]] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        return state, commit["metadata"]
+            raise CheckpointError(f"{self.step_url(step)}: no {COMMIT} (not a committed checkpoint)")
+        verified = {name: self._verified_bytes(step, commit, name) for name in commit["files"]}
+        if commit["format"] == "dcp":
+            self._load_dcp(step, engine, verified)
+        else:
+            engine.load_state_dict({name[:-3]: torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+                                    for name, data in verified.items() if name != "train_state.pt"})
+        train_state = torch.load(io.BytesIO(verified["train_state.pt"]), weights_only=True, map_location="cpu")
+        return train_state, commit["metadata"]
 
-    def _prune(self) -> None:
-        steps = self.steps()
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
-            self.fs.rm(self.step_url(old), recursive=True)
+    def _load_dcp(self, step: int, engine, verified: dict[str, bytes]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = engine.state_dict()   # the sharded template DCP loads into (and reshards to this world size)
+        with tempfile.TemporaryDirectory(prefix="meanflow-dcp-") as tmp:
+            for name, data in verified.items():
+                if name.startswith("dcp/"):
+                    Path(tmp, name[4:]).write_bytes(data)
+            dcp.load(state, storage_reader=dcp.FileSystemReader(tmp))
+        engine.load_state_dict(state)
+
+    def load_latest(self, engine) -> tuple[Optional[int], dict, dict]:
+        """Newest committed step that passes verification; a failing one is skipped with a warning.
+        Returns (step, train_state, metadata), or (None, {}, {}) when there is none."""
+        for step in reversed(self.steps()):
+            try:
+                train_state, metadata = self.load(step, engine)
+                return step, train_state, metadata
+            except CheckpointError as err:
+                warnings.warn(f"checkpoint step {step} is damaged ({err}); falling back to the previous one",
+                              stacklevel=2)
+        return None, {}, {}
+
+    # ------------------------------------------------------------------------------------------------ retention
+    def prune_in_background(self) -> None:
+        """Retention never delays training (a slow or frozen store only delays deletions); one pass at a time."""
+        if self._pruner is not None and self._pruner.is_alive():
+            return
+        self._pruner = threading.Thread(target=self._prune_quietly, daemon=True, name="checkpoint-prune")
+        self._pruner.start()
+
+    def wait_for_pruning(self, timeout_s: float = 60.0) -> None:
+        if self._pruner is not None:
+            self._pruner.join(timeout_s)
+
+    def _prune_quietly(self) -> None:
+        try:
+            self.prune()
+        except Exception as err:   # the next commit's pass retries; a failed deletion loses nothing
+            warnings.warn(f"checkpoint retention pass failed: {type(err).__name__}: {err}", stacklevel=1)
+
+    def prune(self) -> None:
+        """Keep the last ``keep_last`` committed steps, every ``keep_every``-th step as a milestone, and the newest
+        healthy step whatever its age. Uncommitted directories are never touched (a save may be in flight)."""
+        commits = self.commits()
+        steps = list(commits)
+        keep = set(steps[-self.keep_last:]) if self.keep_last > 0 else set()
+        if self.keep_every:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        healthy = [s for s, c in commits.items() if c.get("healthy", True)]
+        if healthy:
+            keep.add(healthy[-1])
+        for step in steps:
+            if step not in keep:
+                self.fs.rm(self.step_url(step), recursive=True)

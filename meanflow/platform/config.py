@@ -37,7 +37,9 @@ class RunConfig:
     log_every: int = 50
     """Steps between progress lines and metrics records."""
     resume: bool = False
-    """Continue from the newest committed checkpoint in run_dir. Without it, a run_dir with checkpoints is refused."""
+    """Require a checkpoint to continue from (an error if run_dir holds none). A run_dir that holds committed
+    checkpoints is always continued (a requeued job restarts the same command), provided its stored model,
+    objective and data sections equal this config's."""
 
 
 @dataclass
@@ -223,9 +225,19 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     kind: str = "single"
-    """single (one process). ddp, fsdp2 and deepspeed arrive with the distributed engines."""
+    """single (one process), ddp (replicated model, gradients all-reduced by the engine) or fsdp2 (parameters,
+    gradients, optimizer state and EMA sharded with fully_shard). The world size comes from the launcher
+    (torchrun-style RANK/WORLD_SIZE/... variables, which submitit exports under SLURM)."""
     device: str = "auto"
     """auto (cuda if available), cpu, or cuda."""
+    precision: str = "fp32"
+    """fp32, or bf16: autocast around the objective (forward and JVP); losses are reduced in fp32."""
+    fsdp_strategy: str = "full_shard"
+    """fsdp2: full_shard (re-shard parameters after forward) or shard_grad_op (keep them until backward)."""
+    jvp_smoke_test: bool = True
+    """Before step 1, compare the engine's JVP with a finite difference of the same model; fail fast if off."""
+    process_group_timeout_s: float = 600.0
+    """Collective timeout: a lost rank fails the job after this long instead of hanging (gloo's default: 30 min)."""
 
 
 @dataclass
@@ -233,7 +245,15 @@ class CheckpointConfig:
     every: int = 0
     """Steps between checkpoints (0: only at the end)."""
     keep_last: int = 3
-    """Committed checkpoints to keep."""
+    """Newest committed checkpoints to keep (the newest healthy one is kept whatever its age)."""
+    keep_every: int = 0
+    """Also keep every step that is a multiple of this as a milestone (0: none)."""
+    url: str = ""
+    """Where checkpoints go (any fsspec URL); empty: <run.run_dir>/checkpoints."""
+    upload_timeout_s: float = 300.0
+    """One upload attempt that has not finished after this long is abandoned and retried (with backoff)."""
+    max_outage_s: float = 1800.0
+    """If the store stays unreachable this long, the job stops loudly instead of training unprotected."""
 
 
 @dataclass
@@ -348,7 +368,9 @@ CHOICES = {
     "objective.imf.tangent": ("v_head", "boundary", "v_c"),
     "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
     "data.latent_norm": ("mf", "imf", "measured"),
-    "engine.kind": ("single",),
+    "engine.kind": ("single", "ddp", "fsdp2"),
+    "engine.precision": ("fp32", "bf16"),
+    "engine.fsdp_strategy": ("full_shard", "shard_grad_op"),
     "engine.device": ("auto", "cpu", "cuda"),
 }
 

@@ -63,5 +63,6 @@ class ProgressLine:
         parts += [f"{rate:.1f} steps/s", f"ETA {format_duration((self.total - step) / rate if rate else math.inf)}"]
         if extra:
             parts.append(extra)
-        print(" | ".join(parts), file=self.stream, flush=True)
+        if self.stream is not None:   # ranks other than 0 keep time but print nothing
+            print(" | ".join(parts), file=self.stream, flush=True)
         return rate

@@ -1,0 +1,102 @@
+"""Who am I in the job: resolve the distributed environment loudly, then start torch.distributed.
+
+Order (as dinov2 does it): a preset torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT — submitit's ``TorchDistributedEnvironment().export()`` writes exactly these under SLURM), then a
+single process. A half-set environment is an error, not a silent single-process run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedEnvError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_env(environ=None) -> DistEnv:
+    environ = os.environ if environ is None else environ
+    present = [k for k in TORCHRUN_KEYS if k in environ]
+    if not present:
+        return DistEnv()
+    if len(present) != len(TORCHRUN_KEYS):
+        missing = [k for k in TORCHRUN_KEYS if k not in environ]
+        raise DistributedEnvError(f"distributed environment half set: {present} present, {missing} missing")
+    env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ["LOCAL_RANK"]))
+    if not 0 <= env.rank < env.world_size:
+        raise DistributedEnvError(f"RANK={env.rank} outside WORLD_SIZE={env.world_size}")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, required: bool = False) -> None:
+    """Start the default process group (NCCL on GPU, gloo on CPU) with a bounded timeout, so a lost peer fails
+    the job in ``timeout_s`` instead of gloo's default 30 minutes. ``required``: sharded engines need a group even
+    alone (a one-process group on a loopback port when no launcher set the environment)."""
+    if dist.is_initialized() or not (env.distributed or required):
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.distributed or "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (one collective for a whole stats vector)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def all_gather_objects(obj):
+    """Every rank's ``obj`` (small, picklable: data-stream positions, RNG states), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,34 @@
+"""Engines: ``single``, ``ddp`` (replicated, explicit all-reduce), ``fsdp2`` (sharded), chosen by ``engine.kind``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import copy
+
+import torch
+from torch import nn
+
+from .base import Engine, lr_at
+from .fsdp2 import FSDP2Engine
+from .jvp_smoke import EngineJVPError, jvp_smoke_test
+from .replicated import ReplicatedEngine, SingleProcessEngine
+
+KINDS = ("single", "ddp", "fsdp2")
+
+
+def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], device: torch.device,
+                 world_size: int) -> Engine:
+    """The engine ``engine.kind`` names; ``model_factory`` builds identical models on every rank (seeded)."""
+    kind = engine_cfg.kind
+    if kind == "single" and world_size > 1:
+        raise ValueError(f"engine.kind: single cannot run on {world_size} processes; use ddp or fsdp2")
+    if kind == "fsdp2":
+        return FSDP2Engine(model_factory, optim_cfg, device, engine_cfg.precision, engine_cfg.fsdp_strategy)
+    model = model_factory().to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if optim_cfg.ema_decay > 0 else None
+    cls = {"single": SingleProcessEngine, "ddp": ReplicatedEngine}[kind]
+    return cls(model, ema, optim_cfg, device, engine_cfg.precision)
+
+
+__all__ = ["Engine", "EngineJVPError", "KINDS", "build_engine", "jvp_smoke_test", "lr_at"]
