@@ -58,3 +58,18 @@ def test_two_rank_resume_is_bitwise_exact(engine, tmp_path):
     assert losses(split) == losses(straight)
     for key, value in model_state(split, 6).items():
         assert torch.equal(value, model_state(straight, 6)[key]), key
+
+
+def test_fsdp2_resumes_on_another_world_size(single_runs, tmp_path):
+    """DCP reshards: 3 steps on 2 ranks, then 2 more on 1 rank, lands where 5 steps in one process do (the
+    embedded data and every random draw are world-size invariant)."""
+    config, extra = OBJECTIVES["mf"]
+    run_world(2, config, [*common(tmp_path, 3), *extra, "engine.kind=fsdp2"])
+    run_world(1, config, [*common(tmp_path, 5), *extra, "engine.kind=fsdp2"])
+    torch.testing.assert_close(losses(tmp_path), losses(single_runs["mf"]), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(single_runs, tmp_path):
+    config, extra = OBJECTIVES["imf"]
+    run_world(2, config, [*common(tmp_path, 5), *extra, "engine.kind=fsdp2", "engine.precision=bf16"])
+    torch.testing.assert_close(losses(tmp_path), losses(single_runs["imf"]), rtol=2e-2, atol=1e-3)
