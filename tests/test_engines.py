@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_run import losses, model_state, run_world
+from distributed_run import losses, model_state, run_world, skip_check
 from meanflow.jobs.train import Trainer
 from meanflow.platform.config import load_config
 
@@ -37,7 +37,7 @@ def single_runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
     config, extra = OBJECTIVES[objective]
@@ -49,7 +49,7 @@ def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
         torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
 def test_two_rank_resume_is_bitwise_exact(engine, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_world(2, "tiny_mf", [*common(straight, 6), f"engine.kind={engine}"])
@@ -73,3 +73,9 @@ def test_bf16_autocast_trains_close_to_fp32(single_runs, tmp_path):
     config, extra = OBJECTIVES["imf"]
     run_world(2, config, [*common(tmp_path, 5), *extra, "engine.kind=fsdp2", "engine.precision=bf16"])
     torch.testing.assert_close(losses(tmp_path), losses(single_runs["imf"]), rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
+def test_a_skipped_step_leaves_no_trace(engine, tmp_path):
+    result = skip_check(2, engine, tmp_path / "skip.json")
+    assert result == {"untouched": True, "same_after": True}

@@ -48,7 +48,7 @@ class Trainer:
         self.run_dir = cfg.run.run_dir
         self.env = resolve_env()
         init_distributed(self.env, self.device, cfg.engine.process_group_timeout_s,
-                         required=cfg.engine.kind == "fsdp2")
+                         required=cfg.engine.kind in ("fsdp2", "deepspeed"))
         try:
             self.stream = build_stream(cfg.data, cfg.run.seed, self.env.rank, self.env.world_size)
         except (ValueError, OSError) as err:   # no manifest, missing shard, too few shards: bad input, exit 2
@@ -68,7 +68,7 @@ class Trainer:
         try:
             self.engine = build_engine(cfg.engine, cfg.optim, model_factory, self.device, self.env.world_size)
         except ValueError as err:
-            raise ConfigError(str(err)) from err
+            raise ConfigError(f"engine: {err}") from err
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
         ckpt = cfg.checkpoint
         self.store = CheckpointStore(ckpt.url or join(self.run_dir, "checkpoints"), keep_last=ckpt.keep_last,

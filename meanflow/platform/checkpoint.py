@@ -2,15 +2,15 @@
 
 Layout of ``<url>/step-00001234/``:
 - ``model.pt``, ``optimizer.pt``, ``ema.pt``  replicated engines (single, ddp): written by rank 0
-- ``dcp/``                                  sharded engines (fsdp2): torch.distributed.checkpoint files; each rank
-                                            stages its shards locally, then uploads them
+- ``engine/``                               sharded engines write their own files (fsdp2: torch.distributed.checkpoint;
+                                            deepspeed: its save_checkpoint); each rank stages locally, then uploads
 - ``train_state.pt``                         step, every rank's RNG states, the data position of every reader, …
 - ``COMMIT.json``                            written last, by rank 0, after a barrier: step, ``healthy``, metadata,
                                             and every file's size and sha256 (hashed from the bytes as uploaded)
 
 Only a directory with a COMMIT whose files all have their recorded sizes counts (``steps()``: one listing, no
 downloads). ``load`` verifies every sha256 before anything is deserialised (``torch.load(weights_only=True)``;
-DCP unpickles its ``.metadata`` only after the check). Resuming from "latest" falls back to the previous committed
+DCP and DeepSpeed unpickle their own files only after the check). Resuming from "latest" falls back to the previous committed
 step, with a warning, when a file fails its check; loading a named step fails loudly.
 """
 
@@ -135,8 +135,8 @@ class CheckpointStore:
              healthy: bool = True) -> str:
         """Collective: every rank calls it. Writes the engine state, the train state, then COMMIT.json."""
         files: dict[str, dict] = {}
-        if engine.checkpoint_format == "dcp":
-            files.update(self._save_dcp(step, engine.state_dict()))
+        if engine.checkpoint_format == "files":
+            files.update(self._save_engine_files(step, engine))
         elif self.rank == 0:
             for name, component in engine.state_dict().items():
                 files.update(self._put(step, f"{name}.pt", _torch_bytes(component)))
@@ -154,15 +154,14 @@ class CheckpointStore:
         barrier()
         return self.step_url(step)
 
-    def _save_dcp(self, step: int, state: dict) -> dict[str, dict]:
-        """Each rank stages its DCP files in a local directory, then uploads them (hashing the bytes it sends)."""
-        import torch.distributed.checkpoint as dcp
-
+    def _save_engine_files(self, step: int, engine) -> dict[str, dict]:
+        """Sharded engines write their own files (DCP, DeepSpeed) into a local staging directory on every rank;
+        each rank then uploads what it wrote, hashing the bytes it sends."""
         files = {}
-        with tempfile.TemporaryDirectory(prefix="meanflow-dcp-") as tmp:
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True))
-            for path in sorted(Path(tmp).iterdir()):
-                files.update(self._put(step, f"dcp/{path.name}", path.read_bytes()))
+        with tempfile.TemporaryDirectory(prefix="meanflow-ckpt-") as tmp:
+            engine.save_files(tmp)
+            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                files.update(self._put(step, f"engine/{path.relative_to(tmp).as_posix()}", path.read_bytes()))
         return files
 
     # ------------------------------------------------------------------------------------------------ find
@@ -210,25 +209,28 @@ class CheckpointStore:
         commit = self._commit(step)
         if commit is None:
             raise CheckpointError(f"{self.step_url(step)}: no {COMMIT} (not a committed checkpoint)")
+        if commit["format"] != engine.checkpoint_format:
+            raise CheckpointError(f"{self.step_url(step)}: written by a '{commit['format']}'-format engine, this is "
+                                  f"engine {engine.name} ('{engine.checkpoint_format}')")
         verified = {name: self._verified_bytes(step, commit, name) for name in commit["files"]}
-        if commit["format"] == "dcp":
-            self._load_dcp(step, engine, verified)
+        if commit["format"] == "files":
+            self._load_engine_files(engine, verified)
         else:
             engine.load_state_dict({name[:-3]: torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
                                     for name, data in verified.items() if name != "train_state.pt"})
         train_state = torch.load(io.BytesIO(verified["train_state.pt"]), weights_only=True, map_location="cpu")
         return train_state, commit["metadata"]
 
-    def _load_dcp(self, step: int, engine, verified: dict[str, bytes]) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = engine.state_dict()   # the sharded template DCP loads into (and reshards to this world size)
-        with tempfile.TemporaryDirectory(prefix="meanflow-dcp-") as tmp:
+    def _load_engine_files(self, engine, verified: dict[str, bytes]) -> None:
+        """The verified files, laid out locally as the engine wrote them, then the engine's own loader (DCP or
+        DeepSpeed unpickle their metadata: only ever after the sha256 check)."""
+        with tempfile.TemporaryDirectory(prefix="meanflow-ckpt-") as tmp:
             for name, data in verified.items():
-                if name.startswith("dcp/"):
-                    Path(tmp, name[4:]).write_bytes(data)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(tmp))
-        engine.load_state_dict(state)
+                if name.startswith("engine/"):
+                    path = Path(tmp, name[len("engine/"):])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+            engine.load_files(tmp)
 
     def load_latest(self, engine) -> tuple[Optional[int], dict, dict]:
         """Newest committed step that passes verification; a failing one is skipped with a warning.

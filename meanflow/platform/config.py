@@ -225,13 +225,15 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     kind: str = "single"
-    """single (one process), ddp (replicated model, gradients all-reduced by the engine) or fsdp2 (parameters,
-    gradients, optimizer state and EMA sharded with fully_shard). The world size comes from the launcher
+    """single (one process), ddp (replicated model, gradients all-reduced by the engine), fsdp2 (parameters,
+    gradients, optimizer state and EMA sharded with fully_shard) or deepspeed (ZeRO-1/2). The world size comes from the launcher
     (torchrun-style RANK/WORLD_SIZE/... variables, which submitit exports under SLURM)."""
     device: str = "auto"
     """auto (cuda if available), cpu, or cuda."""
     precision: str = "fp32"
     """fp32, or bf16: autocast around the objective (forward and JVP); losses are reduced in fp32."""
+    deepspeed_stage: int = 2
+    """deepspeed: ZeRO stage 1 (optimizer state sharded) or 2 (+ gradients). Stage 3 is refused (deepspeed#7913)."""
     fsdp_strategy: str = "full_shard"
     """fsdp2: full_shard (re-shard parameters after forward) or shard_grad_op (keep them until backward)."""
     jvp_smoke_test: bool = True
@@ -368,7 +370,7 @@ CHOICES = {
     "objective.imf.tangent": ("v_head", "boundary", "v_c"),
     "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
     "data.latent_norm": ("mf", "imf", "measured"),
-    "engine.kind": ("single", "ddp", "fsdp2"),
+    "engine.kind": ("single", "ddp", "fsdp2", "deepspeed"),
     "engine.precision": ("fp32", "bf16"),
     "engine.fsdp_strategy": ("full_shard", "shard_grad_op"),
     "engine.device": ("auto", "cpu", "cuda"),

@@ -1,10 +1,10 @@
-"""Engines: ``single``, ``ddp`` (replicated, explicit all-reduce), ``fsdp2`` (sharded), chosen by ``engine.kind``."""
+"""Engines: ``single``, ``ddp`` (replicated, explicit all-reduce), ``fsdp2`` (sharded), ``deepspeed`` (ZeRO-1/2),
+chosen by ``engine.kind``."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from .fsdp2 import FSDP2Engine
 from .jvp_smoke import EngineJVPError, jvp_smoke_test
 from .replicated import ReplicatedEngine, SingleProcessEngine
 
-KINDS = ("single", "ddp", "fsdp2")
+KINDS = ("single", "ddp", "fsdp2", "deepspeed")
 
 
 def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], device: torch.device,
@@ -25,6 +25,9 @@ def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], 
         raise ValueError(f"engine.kind: single cannot run on {world_size} processes; use ddp or fsdp2")
     if kind == "fsdp2":
         return FSDP2Engine(model_factory, optim_cfg, device, engine_cfg.precision, engine_cfg.fsdp_strategy)
+    if kind == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine   # deepspeed is slow to import: only when asked for
+        return DeepSpeedEngine(model_factory, optim_cfg, device, engine_cfg.precision, engine_cfg.deepspeed_stage)
     model = model_factory().to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if optim_cfg.ema_decay > 0 else None
     cls = {"single": SingleProcessEngine, "ddp": ReplicatedEngine}[kind]

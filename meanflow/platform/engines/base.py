@@ -97,8 +97,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ state
     checkpoint_format = "torch"
-    """torch: one replicated state dict, written by rank 0 with torch.save; dcp: every rank writes its shards
-    through torch.distributed.checkpoint."""
+    """torch: one replicated state dict, written by rank 0 with torch.save (``state_dict``); files: every rank
+    writes its own files into a local directory (``save_files`` / ``load_files``: DCP, DeepSpeed)."""
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -35,7 +35,7 @@ def shard_model(model: nn.Module, strategy: str) -> nn.Module:
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
-    checkpoint_format = "dcp"
+    checkpoint_format = "files"
 
     def __init__(self, model_factory: Callable[[], nn.Module], optim_cfg, device: torch.device,
                  precision: str = "fp32", strategy: str = "full_shard"):
@@ -76,3 +76,17 @@ class FSDP2Engine(Engine):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         if self.ema_model is not None:
             set_model_state_dict(self.ema_model, state["ema"])
+
+    def save_files(self, directory: str) -> None:
+        """Collective: each rank writes its shards (``__<rank>_0.distcp``), rank 0 the ``.metadata``."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.state_dict(), storage_writer=dcp.FileSystemWriter(directory, single_file_per_rank=True))
+
+    def load_files(self, directory: str) -> None:
+        """Collective; DCP reshards when the saving world size differs from this one."""
+        import torch.distributed.checkpoint as dcp
+
+        state = self.state_dict()   # the sharded template to load into
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+        self.load_state_dict(state)
