@@ -88,21 +88,24 @@ def test_retention_keeps_last_milestones_and_the_newest_healthy_step(tmp_path):
     assert store.steps() == [10, 15, 20, 25]
 
 
-def test_frozen_object_store_mid_save_loses_no_step(s3_server, s3_bucket, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_frozen_object_store_mid_save_loses_no_step(async_save, s3_server, s3_bucket, tmp_path):
     """moto is SIGSTOPped while a checkpoint uploads (its buckets live in its memory, so it is frozen, not
-    restarted) and resumed after longer than the upload timeout: uploads retry, the run completes."""
+    restarted) and resumed after longer than the upload timeout: uploads retry, the run completes (async: the
+    training goes on meanwhile and the next save waits for the upload)."""
     def freeze():
         os.kill(s3_server.process.pid, signal.SIGSTOP)
         threading.Timer(6.0, os.kill, (s3_server.process.pid, signal.SIGCONT)).start()
 
-    checkpoint.FAULT_HOOKS["wrote:model.pt@1"] = freeze        # right after the first file of the first save
+    checkpoint.arm_fault_hook("wrote:model.pt@1", freeze)        # right after the first file of the first save
     try:
         cfg = load_config("toy2d_mf", [*toy_overrides(tmp_path), f"checkpoint.url={s3_bucket}/ckpt",
-                                       "checkpoint.upload_timeout_s=2", "checkpoint.keep_last=10"])
+                                       "checkpoint.upload_timeout_s=2", "checkpoint.keep_last=10",
+                                       f"checkpoint.async_save={async_save}"])
         trainer = Trainer(cfg)
         trainer.run()
     finally:
-        checkpoint.FAULT_HOOKS.clear()
+        checkpoint.disarm_fault_hooks()
         os.kill(s3_server.process.pid, signal.SIGCONT)
     trainer.store.wait_for_pruning()
     assert trainer.store.upload_retries >= 1
@@ -110,7 +113,7 @@ def test_frozen_object_store_mid_save_loses_no_step(s3_server, s3_bucket, tmp_pa
 
 
 def test_store_down_longer_than_max_outage_stops_the_run_loudly(s3_server, s3_bucket, tmp_path):
-    checkpoint.FAULT_HOOKS["wrote:model.pt@1"] = lambda: os.kill(s3_server.process.pid, signal.SIGSTOP)
+    checkpoint.arm_fault_hook("wrote:model.pt@1", lambda: os.kill(s3_server.process.pid, signal.SIGSTOP))
     try:
         cfg = load_config("toy2d_mf", [*toy_overrides(tmp_path), f"checkpoint.url={s3_bucket}/ckpt",
                                        "checkpoint.upload_timeout_s=1", "checkpoint.max_outage_s=3"])
@@ -118,5 +121,5 @@ def test_store_down_longer_than_max_outage_stops_the_run_loudly(s3_server, s3_bu
         with pytest.raises(TrainingFailed, match=r"unreachable for \d+s \(> checkpoint.max_outage_s=3\)"):
             Trainer(cfg).run()
     finally:
-        checkpoint.FAULT_HOOKS.clear()
+        checkpoint.disarm_fault_hooks()
         os.kill(s3_server.process.pid, signal.SIGCONT)

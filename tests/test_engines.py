@@ -49,12 +49,13 @@ def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
         torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
-def test_two_rank_resume_is_bitwise_exact(engine, tmp_path):
+@pytest.mark.parametrize("engine,async_save", [("ddp", False), ("fsdp2", True), ("deepspeed", False)])
+def test_two_rank_resume_is_bitwise_exact(engine, async_save, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_world(2, "tiny_mf", [*common(straight, 6), f"engine.kind={engine}"])
-    run_world(2, "tiny_mf", [*common(split, 3), f"engine.kind={engine}"])
-    run_world(2, "tiny_mf", [*common(split, 6), f"engine.kind={engine}"])   # resumes: the dir holds step 3
+    kind = [f"engine.kind={engine}", f"checkpoint.async_save={async_save}"]
+    run_world(2, "tiny_mf", [*common(straight, 6), *kind])
+    run_world(2, "tiny_mf", [*common(split, 3), *kind, "checkpoint.every=1"])
+    run_world(2, "tiny_mf", [*common(split, 6), *kind])   # resumes: the dir holds step 3
     assert losses(split) == losses(straight)
     for key, value in model_state(split, 6).items():
         assert torch.equal(value, model_state(straight, 6)[key]), key

@@ -73,7 +73,8 @@ class Trainer:
         ckpt = cfg.checkpoint
         self.store = CheckpointStore(ckpt.url or join(self.run_dir, "checkpoints"), keep_last=ckpt.keep_last,
                                      keep_every=ckpt.keep_every, rank=self.env.rank,
-                                     upload_timeout_s=ckpt.upload_timeout_s, max_outage_s=ckpt.max_outage_s)
+                                     upload_timeout_s=ckpt.upload_timeout_s, max_outage_s=ckpt.max_outage_s,
+                                     async_save=ckpt.async_save)
         self.metrics = MetricsSink(join(self.run_dir, "metrics.jsonl")) if self.env.is_main else None
         self.local_batch = cfg.data.global_batch // self.env.world_size
         self.step = 0
@@ -117,7 +118,12 @@ class Trainer:
         train_state = {"step": self.step, "rng": all_gather_objects(rng_state())}
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": data_state}
+        started = time.perf_counter()
         url = self.store.save(self.step, self.engine, train_state, meta, healthy=self.consecutive_skips == 0)
+        # The time training stood still: the whole save when synchronous; staging (+ waiting for the previous
+        # upload) when asynchronous.
+        self.write_metrics({"event": "checkpoint", "step": self.step, "url": url,
+                            "stall_s": round(time.perf_counter() - started, 4)})
         self.saved_step = self.step
         return url
 
@@ -194,6 +200,7 @@ class Trainer:
                     self.save()
             if self.saved_step != self.step:
                 self.save()
+            self.store.wait()   # the last upload commits before evaluation and exit
         except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:

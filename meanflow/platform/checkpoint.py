@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from .distributed import all_gather_objects, barrier
+from .distributed import all_gather_objects, barrier, new_group_like_world
 from .storage import filesystem, join, read_bytes, write_bytes_atomic
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
@@ -45,7 +45,18 @@ class CheckpointError(RuntimeError):
 
 _fault_point_visits: dict[str, int] = {}
 FAULT_HOOKS: dict[str, Any] = {}
-"""In-process fault tests register ``{"<point>@<n>": callable}`` (e.g. freeze the object store mid-save)."""
+
+
+def arm_fault_hook(visit: str, action) -> None:
+    """In-process fault tests: run ``action`` at ``"<point>@<n>"`` (e.g. freeze the object store mid-save),
+    counting visits from now."""
+    _fault_point_visits.clear()
+    FAULT_HOOKS[visit] = action
+
+
+def disarm_fault_hooks() -> None:
+    FAULT_HOOKS.clear()
+    _fault_point_visits.clear()
 
 
 def fault_point(name: str) -> None:
@@ -97,12 +108,17 @@ def call_with_timeout(fn, timeout_s: float):
 
 class CheckpointStore:
     def __init__(self, url: str, keep_last: int = 3, keep_every: int = 0, rank: int = 0,
-                 upload_timeout_s: float = 300.0, max_outage_s: float = 1800.0, backoff_s: float = 1.0):
+                 upload_timeout_s: float = 300.0, max_outage_s: float = 1800.0, backoff_s: float = 1.0,
+                 async_save: bool = False):
         self.url, self.keep_last, self.keep_every, self.rank = url.rstrip("/"), keep_last, keep_every, rank
         self.upload_timeout_s, self.max_outage_s, self.backoff_s = upload_timeout_s, max_outage_s, backoff_s
+        self.async_save = async_save
         self.fs, self.path = filesystem(self.url)
         self.upload_retries = 0
         self._pruner: threading.Thread | None = None
+        self._uploader: threading.Thread | None = None
+        self._upload_error: BaseException | None = None
+        self._group = new_group_like_world() if async_save else None
 
     def step_url(self, step: int) -> str:
         return join(self.url, f"step-{step:08d}")
@@ -133,36 +149,65 @@ class CheckpointStore:
 
     def save(self, step: int, engine, train_state: dict[str, Any], metadata: dict[str, Any],
              healthy: bool = True) -> str:
-        """Collective: every rank calls it. Writes the engine state, the train state, then COMMIT.json."""
-        files: dict[str, dict] = {}
+        """Collective: every rank calls it. Stages this rank's files in memory (the engine state as it is now),
+        then uploads them and commits: in this thread, or with ``async_save`` in a background thread while
+        training goes on. At most one upload is in flight: a save first waits for the previous one."""
+        self.wait()
+        staged = self._stage(engine, train_state)
+        args = (step, staged, engine.checkpoint_format, metadata, healthy)
+        if self.async_save:
+            self._uploader = threading.Thread(target=self._upload_in_background, args=args, daemon=True,
+                                              name=f"checkpoint-upload-{step}")
+            self._uploader.start()
+        else:
+            self._upload_and_commit(*args)
+        return self.step_url(step)
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) has committed; re-raise its failure here."""
+        if self._uploader is not None:
+            self._uploader.join()
+            self._uploader = None
+        if self._upload_error is not None:
+            error, self._upload_error = self._upload_error, None
+            raise error
+
+    def _stage(self, engine, train_state: dict[str, Any]) -> dict[str, bytes]:
+        """This rank's files as bytes. Replicated engines: rank 0 serialises each state component. Sharded
+        engines write their own files (DCP, DeepSpeed; collective) into a local directory, read back here."""
+        staged: dict[str, bytes] = {}
         if engine.checkpoint_format == "files":
-            files.update(self._save_engine_files(step, engine))
+            with tempfile.TemporaryDirectory(prefix="meanflow-ckpt-") as tmp:
+                engine.save_files(tmp)
+                for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+                    staged[f"engine/{path.relative_to(tmp).as_posix()}"] = path.read_bytes()
         elif self.rank == 0:
-            for name, component in engine.state_dict().items():
-                files.update(self._put(step, f"{name}.pt", _torch_bytes(component)))
+            staged.update({f"{name}.pt": _torch_bytes(c) for name, c in engine.state_dict().items()})
         if self.rank == 0:
-            files.update(self._put(step, "train_state.pt", _torch_bytes(train_state)))
-        every_rank_files = all_gather_objects(files)
-        barrier()                                   # every shard is up before anyone can see a COMMIT
+            staged["train_state.pt"] = _torch_bytes(train_state)
+        return staged
+
+    def _upload_in_background(self, *args) -> None:
+        try:
+            self._upload_and_commit(*args)
+        except BaseException as err:   # surfaced by the next save() or wait() in the training thread
+            self._upload_error = err
+
+    def _upload_and_commit(self, step: int, staged: dict[str, bytes], fmt: str, metadata: dict[str, Any],
+                           healthy: bool) -> None:
+        files = {}
+        for name, data in staged.items():
+            files.update(self._put(step, name, data))
+        # The uploads' own process group: a background thread must not interleave collectives with training's.
+        every_rank_files = all_gather_objects(files, group=self._group)
+        barrier(group=self._group)                   # every shard is up before anyone can see a COMMIT
         if self.rank == 0:
             fault_point("before-commit")
             merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
-            commit = {"step": step, "healthy": healthy, "format": engine.checkpoint_format, "files": merged,
-                      "metadata": metadata}
+            commit = {"step": step, "healthy": healthy, "format": fmt, "files": merged, "metadata": metadata}
             self._upload(join(self.step_url(step), COMMIT), json.dumps(commit, indent=1).encode())
             self.prune_in_background()
-        barrier()
-        return self.step_url(step)
-
-    def _save_engine_files(self, step: int, engine) -> dict[str, dict]:
-        """Sharded engines write their own files (DCP, DeepSpeed) into a local staging directory on every rank;
-        each rank then uploads what it wrote, hashing the bytes it sends."""
-        files = {}
-        with tempfile.TemporaryDirectory(prefix="meanflow-ckpt-") as tmp:
-            engine.save_files(tmp)
-            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-                files.update(self._put(step, f"engine/{path.relative_to(tmp).as_posix()}", path.read_bytes()))
-        return files
+        barrier(group=self._group)
 
     # ------------------------------------------------------------------------------------------------ find
     def _commit(self, step: int) -> Optional[dict]:

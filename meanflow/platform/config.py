@@ -252,6 +252,9 @@ class CheckpointConfig:
     """Also keep every step that is a multiple of this as a milestone (0: none)."""
     url: str = ""
     """Where checkpoints go (any fsspec URL); empty: <run.run_dir>/checkpoints."""
+    async_save: bool = False
+    """Stage the state in memory, then upload and commit in a background thread while training goes on (one
+    upload in flight at most; the next save waits for it)."""
     upload_timeout_s: float = 300.0
     """One upload attempt that has not finished after this long is abandoned and retried (with backoff)."""
     max_outage_s: float = 1800.0

@@ -88,15 +88,23 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_gather_objects(obj):
+def all_gather_objects(obj, group=None):
     """Every rank's ``obj`` (small, picklable: data-stream positions, RNG states), in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def new_group_like_world():
+    """A second gloo group over all ranks, for collectives issued from a background thread (checkpoint uploads),
+    so they never interleave with the training thread's collectives on the default group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.new_group(backend="gloo")
+    return None
