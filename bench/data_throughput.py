@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from meanflow.data_pipeline.shard_writer import write_shards  # noqa: E402
+from s3_server import s3_environment  # noqa: E402
 from meanflow.data_pipeline.sources import open_source  # noqa: E402
 from meanflow.data_pipeline.vae import load_vae  # noqa: E402
 from meanflow.data_pipeline.webdataset_stream import ShardStream  # noqa: E402
@@ -72,14 +73,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--s3-endpoint", help="use this S3 server (credentials from the environment)")
     args = p.parse_args()
-    server = None
-    if args.s3_endpoint:
-        os.environ["AWS_ENDPOINT_URL_S3"] = args.s3_endpoint
-    else:
-        from s3_server import MotoServer
-        server = MotoServer(Path(tempfile.mkdtemp()))
-        os.environ.update(server.env)
-    try:
+    with s3_environment(args.s3_endpoint):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             local = str(root / "latents")
@@ -99,9 +93,6 @@ def main() -> None:
                     rate = stream_epoch(url, args.samples, workers)
                     print(f"| {name} | {nbytes / seconds / 1e6:.0f} | {raw_rate:.0f} | {workers} | {rate:.0f} | "
                           f"{rate / raw_rate:.2f} |")
-    finally:
-        if server is not None:
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -54,3 +56,20 @@ class MotoServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+@contextlib.contextmanager
+def s3_environment(endpoint: str | None = None):
+    """For benchmarks: use ``endpoint`` (credentials from the environment) or start moto on loopback for the
+    duration, exporting its endpoint and test credentials to this process."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        yield
+        return
+    with tempfile.TemporaryDirectory() as log_dir:
+        server = MotoServer(Path(log_dir))
+        os.environ.update(server.env)
+        try:
+            yield
+        finally:
+            server.stop()

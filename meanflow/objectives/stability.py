@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .base import Objective, ObjectiveOutput, expand_like, masked_mean, model_u, per_sample_norm
+from .base import Objective, expand_like, masked_mean, model_u, per_sample_norm
 
 
 class NonExpansivity(Objective):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import expand_like, model_u, per_sample_sq
+from .base import model_u, per_sample_sq
 from .beta_star import beta_star_exact, beta_star_upper_bound, jacobian_scale
 from .meanflow import MeanFlow
 
