@@ -113,3 +113,53 @@ def skip_check(world: int, kind: str, out: Path) -> dict:
     mp.start_processes(_skip_rank_main, args=(world, free_port(), kind, str(out)), nprocs=world,
                        start_method="spawn", join=True)
     return json.loads(Path(out).read_text())
+
+
+def _sharded_jvp_main(rank: int, world: int, port: int, out: str) -> None:
+    """The forward-mode JVP through the fully_shard-ed iMF-DiT equals the unsharded model's, on weights that
+    are not the (zero-output) initialisation."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from meanflow.models import build_model
+    from meanflow.objectives import guidance_conditions
+    from meanflow.objectives.base import model_u
+    from meanflow.objectives.jvp import jvp
+    from meanflow.platform.config import load_config
+    from meanflow.platform.distributed import init_distributed, resolve_env
+    from meanflow.platform.engines.fsdp2 import shard_model
+    from meanflow.platform.engines.jvp_patches import patch_fsdp2_forward_ad
+
+    cfg = load_config("tiny_imf")
+    init_distributed(resolve_env(), torch.device("cpu"), 60, required=True)
+    torch.manual_seed(0)
+    reference = build_model(cfg.model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    patch_fsdp2_forward_ad()
+    sharded = shard_model(build_model(cfg.model), "full_shard")
+    set_model_state_dict(sharded, reference.state_dict(),   # the full state in; each rank keeps its shards
+                         options=StateDictOptions(full_state_dict=True))
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, y = torch.rand(4, generator=g), torch.randint(10, (4,), generator=g)
+    omega = guidance_conditions(4, 2.0)
+    outs = []
+    for model in (reference, sharded):
+        def u(z, t, r, model=model):
+            return model_u(model(z, t=t, r=r, y=y, omega=omega))
+        outs.append(jvp(u, {"z": z, "t": t, "r": t * 0.3}, {"z": v, "t": 1.0, "r": 0.0}))
+    if rank == 0:
+        (u_ref, du_ref), (u_sh, du_sh) = outs
+        Path(out).write_text(json.dumps({"primal": (u_ref - u_sh).abs().max().item(),
+                                         "tangent": (du_ref - du_sh).abs().max().item(),
+                                         "tangent_scale": du_ref.abs().max().item()}))
+
+
+def sharded_jvp_check(world: int, out: Path) -> dict:
+    mp.start_processes(_sharded_jvp_main, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn",
+                       join=True)
+    return json.loads(Path(out).read_text())

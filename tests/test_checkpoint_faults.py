@@ -78,7 +78,7 @@ def test_corrupted_file_falls_back_to_the_previous_commit(tmp_path):
     assert step == 15 and train_state["step"] == 15
 
 
-def test_retention_keeps_last_milestones_and_the_newest_healthy_step(tmp_path):
+def test_retention_keeps_last_milestones_pinned_and_the_newest_healthy_step(tmp_path):
     trainer = Trainer(load_config("toy2d_mf", toy_overrides(tmp_path, steps=1)))
     store = CheckpointStore(str(tmp_path / "ckpt"), keep_last=2, keep_every=10)
     for step in (5, 10, 15, 20, 25):
@@ -86,6 +86,14 @@ def test_retention_keeps_last_milestones_and_the_newest_healthy_step(tmp_path):
         store.wait_for_pruning()
     # last two: 20, 25 (both unhealthy); milestones: 10, 20; the newest healthy: 15
     assert store.steps() == [10, 15, 20, 25]
+    store.pin(15, "evaluation in progress")
+    for step in (30, 35, 40):
+        store.save(step, trainer.engine, {"step": step}, {}, healthy=True)
+        store.wait_for_pruning()
+    assert store.steps() == [10, 15, 20, 30, 35, 40]   # 15 pinned; 10, 20, 30 milestones; 35, 40 the last two
+    store.unpin(15)
+    store.prune()
+    assert store.steps() == [10, 20, 30, 35, 40]
 
 
 @pytest.mark.parametrize("async_save", [False, True])

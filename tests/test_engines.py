@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_run import losses, model_state, run_world, skip_check
+from distributed_run import losses, model_state, run_world, sharded_jvp_check, skip_check
 from meanflow.jobs.train import Trainer
 from meanflow.platform.config import load_config
 
@@ -37,11 +37,17 @@ def single_runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+ENGINE_VARIANTS = {"ddp": ["engine.kind=ddp"], "fsdp2": ["engine.kind=fsdp2"],
+                   "deepspeed": ["engine.kind=deepspeed", "engine.deepspeed_stage=2"]}
+EXTRA_VARIANTS = {"fsdp2-shard_grad_op": ["engine.kind=fsdp2", "engine.fsdp_strategy=shard_grad_op"],
+                  "deepspeed-zero1": ["engine.kind=deepspeed", "engine.deepspeed_stage=1"]}
+
+
+@pytest.mark.parametrize("engine,objective", [(e, o) for e in ENGINE_VARIANTS for o in OBJECTIVES]
+                         + [(e, "mf") for e in EXTRA_VARIANTS])
 def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
     config, extra = OBJECTIVES[objective]
-    run_world(2, config, [*common(tmp_path, 5), *extra, f"engine.kind={engine}"])
+    run_world(2, config, [*common(tmp_path, 5), *extra, *{**ENGINE_VARIANTS, **EXTRA_VARIANTS}[engine]])
     # Tolerance: the same sums in another order (per-rank means, then an all-reduce) differ in the last bits.
     torch.testing.assert_close(losses(tmp_path), losses(single_runs[objective]), rtol=1e-5, atol=1e-6)
     reference = model_state(single_runs[objective], 5)
@@ -80,3 +86,9 @@ def test_bf16_autocast_trains_close_to_fp32(single_runs, tmp_path):
 def test_a_skipped_step_leaves_no_trace(engine, tmp_path):
     result = skip_check(2, engine, tmp_path / "skip.json")
     assert result == {"untouched": True, "same_after": True}
+
+
+def test_sharded_jvp_equals_the_unsharded_jvp(tmp_path):
+    result = sharded_jvp_check(2, tmp_path / "jvp.json")
+    assert result["tangent_scale"] > 1e-2                  # perturbed weights: not the zero-output initialisation
+    assert result["primal"] < 1e-5 and result["tangent"] < 1e-5 * max(1.0, result["tangent_scale"])

@@ -36,6 +36,7 @@ from .storage import filesystem, join, read_bytes, write_bytes_atomic
 
 STEP_DIR = re.compile(r"step-(\d{8})$")
 COMMIT = "COMMIT.json"
+PIN = "PINNED"
 KILL_POINT_ENV = "MEANFLOW_CHECKPOINT_KILL_AT"
 
 
@@ -119,6 +120,7 @@ class CheckpointStore:
         self._uploader: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self._group = new_group_like_world() if async_save else None
+        self._pinned: set[int] = set()
 
     def step_url(self, step: int) -> str:
         return join(self.url, f"step-{step:08d}")
@@ -224,6 +226,8 @@ class CheckpointStore:
         listing = self.fs.find(self.path, detail=True)   # one listing, sizes included
         sizes = {p[len(self.path):].strip("/"): info["size"] for p, info in listing.items()}
         committed = {}
+        self._pinned = {int(m.group(1)) for key in sizes
+                        if key.endswith(f"/{PIN}") and (m := STEP_DIR.match(key.partition("/")[0]))}
         for key in sizes:
             step_dir, _, name = key.partition("/")
             match = STEP_DIR.match(step_dir)
@@ -307,12 +311,21 @@ class CheckpointStore:
         except Exception as err:   # the next commit's pass retries; a failed deletion loses nothing
             warnings.warn(f"checkpoint retention pass failed: {type(err).__name__}: {err}", stacklevel=1)
 
+    def pin(self, step: int, reason: str) -> None:
+        """Protect a step from retention (an evaluation reading it, a rollback target) until ``unpin``."""
+        write_bytes_atomic(join(self.step_url(step), PIN), reason.encode())
+
+    def unpin(self, step: int) -> None:
+        self.fs.rm(join(self.path, f"step-{step:08d}", PIN))
+
     def prune(self) -> None:
-        """Keep the last ``keep_last`` committed steps, every ``keep_every``-th step as a milestone, and the newest
-        healthy step whatever its age. Uncommitted directories are never touched (a save may be in flight)."""
+        """Keep the last ``keep_last`` committed steps, every ``keep_every``-th step as a milestone, the newest
+        healthy step whatever its age, and pinned steps. Uncommitted directories are never touched (a save may be
+        in flight)."""
         commits = self.commits()
         steps = list(commits)
         keep = set(steps[-self.keep_last:]) if self.keep_last > 0 else set()
+        keep |= self._pinned
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
         healthy = [s for s, c in commits.items() if c.get("healthy", True)]

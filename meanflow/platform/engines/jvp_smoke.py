@@ -36,6 +36,9 @@ def _perturb(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _restore(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    for module in model.modules():   # FSDP2 shard_grad_op keeps parameters gathered after a forward until a
+        if hasattr(module, "reshard"):   # backward; shard them again so the saved shards line up
+            module.reshard()
     for p, s in zip(model.parameters(), saved):
         local_tensor(p).copy_(s)
 
