@@ -32,7 +32,8 @@ from s3_server import s3_environment  # noqa: E402
 
 
 def make_engine(size: str):
-    overrides = [f"model.size={size}", "model.image_size=32", "model.in_channels=4", "model.num_classes=1000"]
+    overrides = [f"model.size={size}", "model.width=0", "model.image_size=32", "model.in_channels=4",
+                 "model.num_classes=1000"]
     if size == "tiny":
         overrides = ["model.image_size=8", "model.in_channels=1", "model.num_classes=10"]
     cfg = load_config("tiny_mf", overrides)
