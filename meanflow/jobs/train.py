@@ -96,16 +96,23 @@ class Trainer:
     def resume_or_start(self) -> None:
         """Continue from the newest verified checkpoint when the run directory holds one (a requeued job, or
         --resume), else start. The data position is restored before the first batch is read."""
-        if self.store.latest() is None and self.cfg.run.resume:
+        commits = self.store.commits()
+        if self.cfg.run.resume and not commits:
             raise ConfigError(f"run.resume: {self.run_dir} holds no committed checkpoint to resume from")
-        if self.store.latest() is not None:
+        if commits:
             self._check_same_run()
+            saved_world = commits[max(commits)]["metadata"].get("world_size")
+            if self.engine.name == "deepspeed" and saved_world != self.env.world_size:
+                raise ConfigError(f"engine.kind: deepspeed cannot resume the {saved_world}-process checkpoints in "
+                                  f"{self.store.url} on {self.env.world_size} (ZeRO partitions are per rank)")
             step, train_state, meta = self.store.load_latest(self.engine)
-            if step is not None:
-                self.stream.load_state_dict(meta["data"])
-                self._restore_rng(train_state["rng"])
-                self.step = self.saved_step = step
-                self.log(f"resumed from {self.store.step_url(step)} at step {step}")
+            if step is None:
+                raise TrainingFailed(f"every committed checkpoint in {self.store.url} failed verification; "
+                                     "refusing to start over on top of them")
+            self.stream.load_state_dict(meta["data"])
+            self._restore_rng(train_state["rng"])
+            self.step = self.saved_step = step
+            self.log(f"resumed from {self.store.step_url(step)} at step {step}")
         if self.env.is_main:
             write_bytes_atomic(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
 
