@@ -7,7 +7,6 @@ in one collective, and rank 0 alone writes metrics, logs and the checkpoint COMM
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from meanflow.data_pipeline import build_stream, merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
 from meanflow.evaluation.run_report import evaluate_run
+from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
 from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
@@ -24,6 +24,7 @@ from meanflow.platform.config import ConfigError, save_config
 from meanflow.platform.distributed import (all_gather_objects, all_reduce_mean, init_distributed, resolve_env,
                                            shutdown)
 from meanflow.platform.engines import build_engine, jvp_smoke_test
+from meanflow.platform.guard import Decision, Guard, injected_loss_factor
 from meanflow.platform.metrics import MetricsSink, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
 from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
@@ -79,7 +80,11 @@ class Trainer:
         self.local_batch = cfg.data.global_batch // self.env.world_size
         self.step = 0
         self.saved_step: int | None = None
-        self.consecutive_skips = 0
+        self.guard = Guard(cfg.guard) if cfg.guard.enabled else None
+        self.targets = RollbackTargets(self.engine, self.stream, self.store)
+        self.attempt = 0                     # training steps attempted, repeats after a rollback included
+        self.cooldown_until = -1
+        self.unhealthy_since_save = False    # a detector fired since the last checkpoint
 
     # ------------------------------------------------------------------------------------------------ resume
     def _check_same_run(self) -> None:
@@ -111,6 +116,9 @@ class Trainer:
                                      "refusing to start over on top of them")
             self.stream.load_state_dict(meta["data"])
             self._restore_rng(train_state["rng"])
+            self.attempt = train_state.get("attempt", step)
+            if self.guard and train_state.get("guard"):
+                self.guard.load_state_dict(train_state["guard"])   # its windows: a resumed run decides alike
             self.step = self.saved_step = step
             self.log(f"resumed from {self.store.step_url(step)} at step {step}")
         if self.env.is_main:
@@ -122,11 +130,13 @@ class Trainer:
 
     def save(self) -> str:
         data_state = merge_stream_states(all_gather_objects(self.stream.state_dict()))
-        train_state = {"step": self.step, "rng": all_gather_objects(rng_state())}
+        train_state = {"step": self.step, "rng": all_gather_objects(rng_state()), "attempt": self.attempt,
+                       "guard": self.guard.state_dict() if self.guard else None}
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": data_state}
         started = time.perf_counter()
-        url = self.store.save(self.step, self.engine, train_state, meta, healthy=self.consecutive_skips == 0)
+        url = self.store.save(self.step, self.engine, train_state, meta, healthy=not self.unhealthy_since_save)
+        self.unhealthy_since_save = False
         # The time training stood still: the whole save when synchronous; staging (+ waiting for the previous
         # upload) when asynchronous.
         self.write_metrics({"event": "checkpoint", "step": self.step, "url": url,
@@ -135,8 +145,9 @@ class Trainer:
         return url
 
     # -------------------------------------------------------------------------------------------------- step
-    def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; non-finite steps are skipped, not applied."""
+    def train_step(self) -> dict | None:
+        """One optimizer step over grad_accum micro-batches, as the guard decides: applied (returns the step's
+        stats), skipped, rolled back or failed (returns None or raises)."""
         cfg = self.cfg
         batch = self.stream.next_batch()                      # this rank's rows of the global batch
         accum = cfg.optim.grad_accum
@@ -151,25 +162,54 @@ class Trainer:
                                    world_size=self.env.world_size)
             with self.engine.autocast():
                 loss, stats = self.objective(self.engine.model, mb, self.step, ctx)
+            fault = injected_loss_factor(cfg.guard.inject, self.attempt)   # 1.0 outside fault-injection tests
+            if fault != 1.0:
+                loss = loss * fault
+                stats = {**stats, "loss": stats["loss"] * fault,
+                         **({"jvp_norm": stats["jvp_norm"] * fault} if "jvp_norm" in stats else {})}
             grad_norm = self.engine.backward(loss.float() / accum, sync=k == accum - 1)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() / accum
         totals = self._mean_over_ranks(totals)
         totals["grad_norm"] = grad_norm.float().cpu()
-        finite = math.isfinite(totals["loss"].item()) and math.isfinite(totals["grad_norm"].item())
-        if finite or not cfg.guard.skip_nonfinite:
+        values = {k: v.item() for k, v in totals.items()}
+        decision = self.guard.decide(self.attempt, values) if self.guard else Decision("apply")
+        self.attempt += 1
+        if decision.action == "apply":
+            self.engine.lr_scale = cfg.guard.cooldown_factor if self.attempt <= self.cooldown_until else 1.0
             totals["lr"] = torch.tensor(self.engine.apply(self.step))
-            self.consecutive_skips = 0
+            self.step += 1
+            if self.guard and self.step % cfg.guard.snapshot_every == 0:
+                self.targets.take_snapshot(self.step)
+            return totals
+        self.engine.skip()
+        self.unhealthy_since_save = True
+        event = {"event": decision.action, "step": self.step, "detector": decision.detector, **decision.values,
+                 "data_batches": self.stream.state_dict().get("batches")}
+        if decision.action == "skip":
+            self.write_metrics(event)
+            self.step += 1
+        elif decision.action == "rollback":
+            self.rollback(event)
         else:
-            self.engine.skip()
-            self.consecutive_skips += 1
-            self.write_metrics({"event": "skip", "step": self.step, "detector": "nonfinite",
-                                "loss": totals["loss"].item(), "grad_norm": totals["grad_norm"].item()})
-            if self.consecutive_skips >= cfg.guard.max_consecutive_skips:
-                raise TrainingFailed(f"step {self.step}: {self.consecutive_skips} consecutive non-finite steps "
-                                     f"(loss {totals['loss'].item()}, grad_norm {totals['grad_norm'].item()})")
-        self.step += 1
-        return totals
+            self.write_metrics(event)
+            raise TrainingFailed(f"guard: {decision.describe(self.step)}")
+        return None
+
+    def rollback(self, event: dict) -> None:
+        """Every rank restores the newest healthy state, then jumps the data stream past the offending window."""
+        target, source = self.targets.restore()
+        if target < 0:
+            self.write_metrics({**event, "event": "fail", "detector": event["detector"] + ", nothing to roll back to"})
+            raise TrainingFailed(f"guard: step {self.step}: {event['detector']} and no healthy state to roll back to")
+        skip = self.cfg.guard.skip_batches * self.cfg.data.global_batch
+        self.stream.skip(skip)
+        self.cooldown_until = self.attempt + self.cfg.guard.cooldown_steps
+        self.write_metrics({**event, "rollback_to": target, "source": source, "skipped_samples": skip,
+                            "data_batches_after": self.stream.state_dict().get("batches")})
+        self.log(f"guard: rollback at step {self.step} ({event['detector']}) to step {target} from {source}; "
+                 f"data stream skipped {skip} samples")
+        self.step = target
 
     def _mean_over_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One all-reduce for every stat (same keys on every rank: objectives report a fixed set)."""
@@ -195,15 +235,20 @@ class Trainer:
         self.log(f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/"
                  f"{cfg.model.size} ({count_parameters(self.engine.model) / 1e6:.2f}M params), device "
                  f"{self.device}, run_dir {self.run_dir}")
+        if self.guard:
+            self.targets.take_snapshot(self.step)   # a rollback target before the first periodic snapshot
         progress = ProgressLine(cfg.run.steps, self.step, stream=self.stdout if self.env.is_main else None)
         started = time.perf_counter()
         try:
             while self.step < cfg.run.steps:
-                stats = self.train_step()
-                if self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps:
-                    rate = progress.update(self.step, stats)
+                stats = self.train_step()   # None: skipped or rolled back (its event record says so)
+                if stats is not None and (self.step % cfg.run.log_every == 0 or self.step == cfg.run.steps):
+                    counts = self.guard.counts if self.guard else {}
+                    rate = progress.update(self.step, stats, extra=", ".join(f"{k}s {v}" for k, v in counts.items()
+                                                                             if v))
                     self.write_metrics({"step": self.step, "steps_per_s": rate, **stats, **self.stream.metrics()})
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps:
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps
+                        and self.step != self.saved_step):
                     self.save()
             if self.saved_step != self.step:
                 self.save()

@@ -262,11 +262,53 @@ class CheckpointConfig:
 
 
 @dataclass
+class InjectConfig:
+    kind: str = "none"
+    """Fault injection for tests: none, jvp_nan (the loss and jvp_norm become NaN, as when the JVP overflows),
+    loss_spike (loss × factor) or grad_ramp (loss × (1 + rate)^(steps since start), a slowly growing grad norm)."""
+    start: int = 0
+    """First training step attempt (counting repeats after rollbacks) that is hit."""
+    count: int = 1
+    """Attempts hit from ``start`` on (a large number: a persistent fault)."""
+    factor: float = 100.0
+    """loss_spike: the multiplier."""
+    rate: float = 0.2
+    """grad_ramp: growth per attempt."""
+
+
+@dataclass
 class GuardConfig:
-    skip_nonfinite: bool = True
-    """Skip (do not apply) a step whose loss or grad norm is NaN/Inf."""
-    max_consecutive_skips: int = 20
-    """Fail the run after this many skipped steps in a row."""
+    enabled: bool = True
+    """Detect non-finite values and spikes and respond: skip → rollback → fail."""
+    window: int = 128
+    """Healthy values per stat that the z-score compares against."""
+    z_threshold: float = 6.0
+    """Spike: a value this many standard deviations above the window's mean (0: off)."""
+    warmup: int = 20
+    """Healthy values per stat before spike detection starts."""
+    ratio: float = 10.0
+    """Spike: a value above this multiple of the stat's running maximum (catches slow ramps; 0: off)."""
+    max_skips: int = 3
+    """This many skipped steps within skip_window attempts trigger a rollback."""
+    skip_window: int = 50
+    """Attempts over which skips are counted."""
+    max_rollbacks: int = 3
+    """More rollbacks than this within rollback_window attempts fail the run."""
+    rollback_window: int = 1000
+    """Attempts over which rollbacks are counted."""
+    snapshot_every: int = 50
+    """Steps between in-memory snapshots (replicated engines; sharded ones roll back to the newest healthy
+    committed checkpoint)."""
+    skip_batches: int = 256
+    """Global batches the data stream jumps over after a rollback (exact and recorded)."""
+    cooldown_steps: int = 0
+    """Steps after a rollback trained at cooldown_factor × the scheduled LR."""
+    cooldown_factor: float = 0.1
+    """LR multiplier during the cool-down."""
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    """Fault injection (tests only; refused unless allow_inject)."""
+    allow_inject: bool = False
+    """Permit guard.inject (a run with injected faults is not a real run)."""
 
 
 @dataclass
@@ -374,6 +416,7 @@ CHOICES = {
     "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
     "data.latent_norm": ("mf", "imf", "measured"),
     "engine.kind": ("single", "ddp", "fsdp2", "deepspeed"),
+    "guard.inject.kind": ("none", "jvp_nan", "loss_spike", "grad_ramp"),
     "engine.precision": ("fp32", "bf16"),
     "engine.fsdp_strategy": ("full_shard", "shard_grad_op"),
     "engine.device": ("auto", "cpu", "cuda"),
@@ -392,6 +435,9 @@ def validate(cfg: DictConfig, source: str) -> None:
     if (cfg.data.name == "webdataset") != bool(cfg.data.url):
         raise ConfigError(f"{source}: key 'data.url': set it exactly when data.name is 'webdataset' "
                           f"(data.name={cfg.data.name!r}, data.url={cfg.data.url!r})")
+    if cfg.guard.inject.kind != "none" and not cfg.guard.allow_inject:
+        raise ConfigError(f"{source}: key 'guard.inject': fault injection is for tests; set guard.allow_inject=true "
+                          "to run it on purpose")
     if not 0.0 <= cfg.objective.time.share_r_eq_t <= 1.0:
         raise ConfigError(f"{source}: key 'objective.time.share_r_eq_t': must lie in [0, 1]")
 

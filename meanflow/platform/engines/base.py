@@ -41,6 +41,7 @@ class Engine:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                            weight_decay=optim_cfg.weight_decay)
         self._grad_norm: torch.Tensor | None = None
+        self.lr_scale = 1.0   # the guard's cool-down after a rollback
 
     # ------------------------------------------------------------------------------------------ subclass hooks
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
@@ -72,7 +73,7 @@ class Engine:
 
     def apply(self, step: int) -> float:
         """Clip to the global norm, step the optimizer at this step's LR, update the EMA. Returns the LR used."""
-        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps)
+        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.cfg.grad_clip > 0 and self._grad_norm is not None:

@@ -66,7 +66,7 @@ class DeepSpeedEngine(Engine):
         """DeepSpeed clips to ``optim.grad_clip`` with the same global norm and steps; then the EMA."""
         from .base import lr_at
 
-        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps)
+        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps) * self.lr_scale
         for group in self.zero.param_groups:
             group["lr"] = lr
         self.ds.step()

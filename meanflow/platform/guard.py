@@ -1,0 +1,123 @@
+"""The training guard: decide, from one step's (already rank-reduced) stats, whether to apply, skip, roll back or
+fail. Pure logic, no tensors or collectives: every rank sees the same reduced values and so decides the same.
+
+Detectors (on the stats an objective reports; there is no ``jvp_norm`` for ``fm``):
+- non-finite: any of ``loss``, ``grad_norm``, ``jvp_norm`` is NaN/Inf;
+- spike: after ``warmup`` healthy values, a z-score above ``z_threshold`` against the last ``window`` healthy
+  values, or a value above ``ratio`` × the running maximum of healthy values (slow ramps that keep the window's
+  own spread growing).
+Responses, in tiers: a spike skips the step; ``max_skips`` skips within ``skip_window`` steps, or any non-finite
+value, roll back; ``max_rollbacks`` rollbacks within ``rollback_window`` steps fail the run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+WATCHED = ("loss", "grad_norm", "jvp_norm")
+
+
+@dataclass
+class Decision:
+    action: str                          # apply | skip | rollback | fail
+    detector: str = ""                   # nonfinite:<stat> | zscore:<stat> | ratio:<stat> | repeated_skips | ...
+    values: dict[str, float] = field(default_factory=dict)
+
+    def describe(self, step: int) -> str:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.values.items())
+        return f"step {step}: {self.action} ({self.detector}; {shown})"
+
+
+class RollingStat:
+    """Window of healthy values of one stat, with its running maximum."""
+
+    def __init__(self, window: int):
+        self.values: deque[float] = deque(maxlen=window)
+        self.count, self.max = 0, -math.inf
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        self.count += 1
+        self.max = max(self.max, value)
+
+    def zscore(self, value: float) -> float:
+        n = len(self.values)
+        mean = sum(self.values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / max(n - 1, 1))
+        return (value - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+
+
+class Guard:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stats = {name: RollingStat(cfg.window) for name in WATCHED}
+        self.skip_steps: deque[int] = deque()
+        self.rollback_steps: deque[int] = deque()
+        self.counts = {"skip": 0, "rollback": 0}
+
+    def _spike(self, values: dict[str, float]) -> Decision | None:
+        for name, value in values.items():
+            history = self.stats[name]
+            if history.count < self.cfg.warmup:
+                continue
+            if self.cfg.z_threshold and history.zscore(value) > self.cfg.z_threshold:
+                return Decision("skip", f"zscore:{name}", values)
+            if self.cfg.ratio and history.max > 0 and value > self.cfg.ratio * history.max:
+                return Decision("skip", f"ratio:{name}", values)
+        return None
+
+    def decide(self, step: int, stats: dict[str, float]) -> Decision:
+        values = {k: float(stats[k]) for k in WATCHED if k in stats}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        decision = Decision("rollback", f"nonfinite:{bad[0]}", values) if bad else self._spike(values)
+        if decision is None:
+            for name, value in values.items():
+                self.stats[name].add(value)
+            return Decision("apply", values=values)
+        if decision.action == "skip":
+            self.skip_steps.append(step)
+            while self.skip_steps and self.skip_steps[0] <= step - self.cfg.skip_window:
+                self.skip_steps.popleft()
+            if len(self.skip_steps) >= self.cfg.max_skips:
+                decision = Decision("rollback", f"repeated_skips({len(self.skip_steps)} in "
+                                                f"{self.cfg.skip_window} steps, last {decision.detector})", values)
+        if decision.action == "rollback":
+            self.skip_steps.clear()
+            self.rollback_steps.append(step)
+            while self.rollback_steps and self.rollback_steps[0] <= step - self.cfg.rollback_window:
+                self.rollback_steps.popleft()
+            if len(self.rollback_steps) > self.cfg.max_rollbacks:
+                return Decision("fail", f"{decision.detector}, after {self.cfg.max_rollbacks} rollbacks in "
+                                        f"{self.cfg.rollback_window} steps", values)
+        self.counts[decision.action] += 1
+        return decision
+
+    def state_dict(self) -> dict:
+        return {"stats": {k: {"values": list(s.values), "count": s.count, "max": s.max}
+                          for k, s in self.stats.items()},
+                "skip_steps": list(self.skip_steps), "rollback_steps": list(self.rollback_steps),
+                "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, saved in state["stats"].items():
+            stat = self.stats[k]
+            stat.values.clear()
+            stat.values.extend(saved["values"])
+            stat.count, stat.max = saved["count"], saved["max"]
+        self.skip_steps = deque(state["skip_steps"])
+        self.rollback_steps = deque(state["rollback_steps"])
+        self.counts = dict(state["counts"])
+
+
+def injected_loss_factor(inject, attempt: int) -> float:
+    """Fault injection (tests): the factor the loss is multiplied by at this attempt (NaN, a spike, a ramp) or 1.
+    A NaN loss makes the gradients and every stat NaN, as an overflowing JVP does."""
+    if inject.kind == "none" or not inject.start <= attempt < inject.start + inject.count:
+        return 1.0
+    if inject.kind == "jvp_nan":
+        return math.nan
+    if inject.kind == "loss_spike":
+        return inject.factor
+    return (1.0 + inject.rate) ** (attempt - inject.start + 1)   # grad_ramp

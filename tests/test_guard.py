@@ -1,0 +1,159 @@
+"""The training guard: its decisions (pure), and the real training loop under injected faults."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from distributed_run import losses, run_world
+from meanflow.jobs.train import Trainer, TrainingFailed
+from meanflow.platform.config import ConfigError, GuardConfig, load_config
+from meanflow.platform.guard import Guard
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def guard(**overrides) -> Guard:
+    return Guard(OmegaConf.merge(OmegaConf.structured(GuardConfig), overrides))
+
+
+def warm(g: Guard, n: int = 30) -> None:
+    for i in range(n):
+        assert g.decide(i, {"loss": 1.0 + 0.01 * (i % 3), "grad_norm": 2.0 + 0.02 * (i % 5)}).action == "apply"
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+def test_nonfinite_values_roll_back_even_during_warmup():
+    assert guard().decide(0, {"loss": 1.0, "grad_norm": math.nan}).detector == "nonfinite:grad_norm"
+    assert guard().decide(0, {"loss": math.inf, "jvp_norm": 1.0}).action == "rollback"
+
+
+def test_a_spike_is_skipped_after_warmup_only():
+    g = guard(warmup=20)
+    assert g.decide(0, {"loss": 1.0}).action == "apply"
+    assert g.decide(1, {"loss": 100.0}).action == "apply"          # still warming up: no statistics yet
+    g = guard()
+    warm(g)
+    decision = g.decide(30, {"loss": 100.0, "grad_norm": 2.0})
+    assert (decision.action, decision.detector) == ("skip", "zscore:loss")
+
+
+def test_a_slow_ramp_is_caught_by_the_running_maximum():
+    g = guard(z_threshold=0.0, ratio=10.0, warmup=5)
+    for i in range(10):
+        assert g.decide(i, {"grad_norm": 1.0 + 0.1 * i}).action == "apply"
+    assert g.decide(10, {"grad_norm": 20.0}).detector == "ratio:grad_norm"   # > 10 × max so far (1.9)
+
+
+def test_repeated_skips_roll_back_and_repeated_rollbacks_fail():
+    g = guard(max_skips=3, skip_window=10, max_rollbacks=2, rollback_window=100)
+    warm(g)
+    actions = [g.decide(30 + i, {"loss": 1e3, "grad_norm": 2.0}).action for i in range(3)]
+    assert actions == ["skip", "skip", "rollback"]
+    assert g.decide(40, {"loss": math.nan}).action == "rollback"
+    final = g.decide(41, {"loss": math.nan})
+    assert final.action == "fail" and "after 2 rollbacks in 100 steps" in final.detector
+
+
+def test_only_reported_stats_are_watched():
+    g = guard()
+    warm(g)
+    assert g.decide(30, {"loss": 1.0, "grad_norm": 2.0}).action == "apply"   # fm: no jvp_norm, no error
+
+
+def test_injection_is_refused_unless_allowed():
+    with pytest.raises(ConfigError, match="guard.inject"):
+        load_config("toy2d_mf", ["guard.inject.kind=jvp_nan"])
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+def toy(run_dir, *extra) -> list[str]:
+    return [f"run.run_dir={run_dir}", "run.steps=60", "run.log_every=1", "eval.num_samples=64",
+            "checkpoint.every=0", "guard.snapshot_every=10", "guard.skip_batches=4", "guard.allow_inject=true",
+            *extra]
+
+
+def events(run_dir, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("event") == kind]
+
+
+def test_nan_in_the_jvp_rolls_back_once_and_training_finishes(tmp_path):
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "guard.inject.kind=jvp_nan", "guard.inject.start=35")))
+    trainer.run()
+    [rollback] = events(tmp_path, "rollback")
+    assert rollback["step"] == 35 and rollback["rollback_to"] == 30 and rollback["source"] == "snapshot"
+    assert rollback["detector"].startswith("nonfinite:") and rollback["skipped_samples"] == 4 * 256
+    assert rollback["data_batches_after"] == 30 + 4                  # the snapshot's position + the skipped window
+    assert trainer.step == 60 and math.isfinite(losses(tmp_path)[-1])
+    assert not events(tmp_path, "skip")
+
+
+def test_a_single_spike_is_skipped_without_rollback(tmp_path):
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "guard.inject.kind=loss_spike", "guard.inject.start=40",
+                                                  "checkpoint.every=10", "checkpoint.keep_last=10")))
+    trainer.run()
+    [skip] = events(tmp_path, "skip")
+    assert skip["step"] == 40 and skip["detector"].startswith(("zscore:", "ratio:"))
+    assert not events(tmp_path, "rollback")
+    healthy = {step: c["healthy"] for step, c in trainer.store.commits().items()}
+    assert healthy == {10: True, 20: True, 30: True, 40: True, 50: False, 60: True}   # 50: a detector fired
+
+
+def test_repeated_spikes_roll_back(tmp_path):
+    Trainer(load_config("toy2d_mf", toy(tmp_path, "guard.inject.kind=loss_spike", "guard.inject.start=40",
+                                        "guard.inject.count=3"))).run()
+    assert len(events(tmp_path, "skip")) == 2
+    [rollback] = events(tmp_path, "rollback")
+    assert rollback["detector"].startswith("repeated_skips")
+
+
+def test_persistent_nan_fails_with_the_detector_step_and_values(tmp_path):
+    cfg = load_config("toy2d_mf", toy(tmp_path, "guard.inject.kind=jvp_nan", "guard.inject.start=25",
+                                      "guard.inject.count=1000000"))
+    with pytest.raises(TrainingFailed, match=r"guard: step \d+: fail \(nonfinite:loss, after 3 rollbacks"):
+        Trainer(cfg).run()
+    assert len(events(tmp_path, "rollback")) == 3 and len(events(tmp_path, "fail")) == 1
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_the_same_injection_gives_the_same_losses(tmp_path):
+    for run in ("a", "b"):
+        Trainer(load_config("toy2d_mf", toy(tmp_path / run, "guard.inject.kind=jvp_nan",
+                                            "guard.inject.start=35"))).run()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_rollback_targets_skip_unhealthy_and_uncommitted_checkpoints(tmp_path):
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "run.steps=1")))
+    store = trainer.store
+    for step, healthy in ((10, True), (20, True), (30, False)):
+        store.save(step, trainer.engine, {"step": step, "rng": []}, {"data": trainer.stream.state_dict()},
+                   healthy=healthy)
+    (tmp_path / "checkpoints" / "step-00000040").mkdir()                 # a save that never committed
+    (tmp_path / "checkpoints" / "step-00000040" / "model.pt").write_bytes(b"partial")
+    trainer.targets.snapshot = None
+    assert trainer.targets.newest_healthy_commit() == 20
+    assert trainer.targets.restore()[0] == 20
+
+
+def test_two_ranks_roll_back_together_and_match_one_process(tmp_path):
+    run_world(2, "toy2d_mf", toy(tmp_path / "ddp", "engine.kind=ddp", "guard.inject.kind=jvp_nan",
+                                 "guard.inject.start=35"))
+    Trainer(load_config("toy2d_mf", toy(tmp_path / "one", "guard.inject.kind=jvp_nan",
+                                        "guard.inject.start=35"))).run()
+    assert len(events(tmp_path / "ddp", "rollback")) == 1
+    import torch
+    torch.testing.assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_carries_the_guard_state(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    inject = ["guard.inject.kind=loss_spike", "guard.inject.start=45", "checkpoint.every=30"]
+    Trainer(load_config("toy2d_mf", toy(straight, *inject))).run()
+    Trainer(load_config("toy2d_mf", [*toy(split, *inject), "run.steps=30"])).run()
+    Trainer(load_config("toy2d_mf", toy(split, *inject))).run()     # resumes at 30 with the guard's windows
+    assert losses(split)[30:] == losses(straight)[30:] and events(split, "skip") == events(straight, "skip")
