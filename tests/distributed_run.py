@@ -44,11 +44,9 @@ def model_state(run_dir: Path, step: int, component: str = "model") -> dict[str,
     commit = json.loads((step_dir / "COMMIT.json").read_text())
     if commit["format"] == "torch":
         return torch.load(step_dir / f"{component}.pt", weights_only=True)
-    deepspeed_module = step_dir / "engine" / "state" / "mp_rank_00_model_states.pt"
-    if deepspeed_module.exists():   # ZeRO-1/2 keep the whole module here (our own test file: trusted)
-        if component == "ema":
-            return torch.load(step_dir / "engine" / "ema.pt", weights_only=True)
-        return torch.load(deepspeed_module, weights_only=False)["module"]
+    plain = step_dir / "engine" / f"{component}.pt"
+    if plain.exists():   # deepspeed: rank 0 writes the whole module and the EMA as plain tensor files
+        return torch.load(plain, weights_only=True)
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,10 +84,13 @@ class DeepSpeedEngine(Engine):
 
     def save_files(self, directory: str) -> None:
         """Collective: DeepSpeed's own files under one tag (its ``latest`` file is never relied on: loading names
-        the tag, deepspeed#8499); the EMA, replicated, as a safetensors-free torch file from rank 0."""
+        the tag, deepspeed#8499). Rank 0 also writes the (ZeRO-1/2: whole) module and the EMA as plain tensor files,
+        which evaluation and tools read with ``weights_only=True`` instead of unpickling DeepSpeed's files."""
         self.ds.save_checkpoint(directory, tag=self.TAG, save_latest=False)
-        if self.ema_model is not None and torch.distributed.get_rank() == 0:
-            torch.save(self.ema_model.state_dict(), os.path.join(directory, "ema.pt"))
+        if torch.distributed.get_rank() == 0:
+            torch.save(self.model.state_dict(), os.path.join(directory, "model.pt"))
+            if self.ema_model is not None:
+                torch.save(self.ema_model.state_dict(), os.path.join(directory, "ema.pt"))
 
     def load_files(self, directory: str) -> None:
         path, _ = self.ds.load_checkpoint(directory, tag=self.TAG, load_module_strict=True,
