@@ -161,3 +161,31 @@ def sharded_jvp_check(world: int, out: Path) -> dict:
     mp.start_processes(_sharded_jvp_main, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn",
                        join=True)
     return json.loads(Path(out).read_text())
+
+
+def _feature_stats_main(rank: int, world: int, port: int, out: str) -> None:
+    """Each rank sums its share of a fixed feature set (rows i ≡ rank mod world); the all-reduced moments and IS
+    sums must equal one process's."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from meanflow.evaluation.feature_stats import FeatureMoments, InceptionScoreSums
+    from meanflow.platform.distributed import init_distributed, resolve_env
+
+    init_distributed(resolve_env(), torch.device("cpu"), 60, required=True)
+    g = torch.Generator().manual_seed(0)
+    feats, logits = torch.randn(301, 8, generator=g), torch.randn(301, 5, generator=g)
+    mine = torch.arange(rank, 301, world)
+    moments, sums = FeatureMoments(8), InceptionScoreSums(5, 301, splits=4)
+    moments.add(feats[mine])
+    sums.add(logits[mine], mine)
+    moments.all_reduce()
+    sums.all_reduce()
+    if rank == 0:
+        mu, sigma = moments.mean_cov()
+        Path(out).write_text(json.dumps({"mu": mu.tolist(), "sigma": sigma.tolist(), "is": sums.score()}))
+
+
+def feature_stats_over(world: int, out: Path) -> dict:
+    mp.start_processes(_feature_stats_main, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn",
+                       join=True)
+    return json.loads(Path(out).read_text())
