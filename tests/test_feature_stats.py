@@ -69,3 +69,41 @@ def test_statistics_reduced_over_two_ranks_equal_one_process(tmp_path):
     np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-13, atol=1e-15)
     np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-12, atol=1e-14)
     assert two["is"] == pytest.approx(one["is"], rel=1e-12)
+
+
+class Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.images = torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8)   # the evaluation's uint8 formula
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def digits_features(images: torch.Tensor) -> FeatureMoments:
+    from meanflow.evaluation.digits_features import NAME, DigitsFeatureExtractor
+
+    extractor = DigitsFeatureExtractor(NAME, ["64"])
+    moments = FeatureMoments(64)
+    with torch.no_grad():
+        moments.add(extractor(Uint8Images(images).images)[0])
+    return moments
+
+
+def test_fid_on_the_digits_extractor_matches_torch_fidelity_calculate_metrics():
+    import torch_fidelity
+
+    from meanflow.data_pipeline.digits import load_digits_split
+
+    real, _ = load_digits_split("train")
+    test, _ = load_digits_split("test")
+    noisy = (test + 0.3 * torch.randn(test.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    ours = frechet_distance(*digits_features(real).mean_cov(), *digits_features(noisy).mean_cov())
+    theirs = torch_fidelity.calculate_metrics(input1=Uint8Images(real), input2=Uint8Images(noisy), fid=True,
+                                              feature_extractor="digits-cnn", cuda=False, verbose=False,
+                                              cache=False, batch_size=128)["frechet_inception_distance"]
+    assert ours == pytest.approx(theirs, rel=1e-4) and ours > 1.0
+    clean = frechet_distance(*digits_features(real).mean_cov(), *digits_features(test).mean_cov())
+    assert clean < ours / 3                                  # held-out real digits are far closer than noisy ones
