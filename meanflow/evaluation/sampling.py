@@ -1,0 +1,54 @@
+"""Generation for evaluation, split over ranks by global sample index.
+
+Sample i's noise and class label depend only on (eval seed, i), and rank r of W generates indices r, r+W, …, so the
+set of generated images is the same for any world size and batch size. Images leave as uint8 through the one
+formula ``clamp(127.5·x + 128, 0, 255)`` (``images.to_uint8``), recorded with the metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+
+from meanflow.objectives import sample, sample_noise
+from meanflow.seeding import stream_seed
+
+from .images import to_uint8
+
+UINT8_FORMULA = "clamp(127.5*x + 128, 0, 255) -> uint8 (truncation)"
+
+
+def sample_labels(indices: Sequence[int], num_classes: int, seed: int) -> torch.Tensor | None:
+    """Class label of each global sample index, a pure function of (seed, index); None if unconditional."""
+    if not num_classes:
+        return None
+    return torch.tensor([stream_seed(seed, "eval_label", int(i)) % num_classes for i in indices])
+
+
+def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
+    return list(range(rank, num_samples, world_size))
+
+
+@torch.no_grad()
+def generate_uint8(model, indices: Sequence[int], shape: Sequence[int], num_classes: int, seed: int, *,
+                   nfe: int = 1, omega: torch.Tensor | None = None, batch_size: int = 256, device="cpu",
+                   show_progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yields (indices, uint8 images (B, C, H, W), labels or None) batch by batch. ``omega``: iMF's guidance
+    conditions (1, 3), repeated for every sample."""
+    indices = list(indices)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(indices), batch_size), desc="sampling", unit="batch",
+                          disable=not show_progress):
+            batch = indices[start:start + batch_size]
+            noise = sample_noise(batch, shape, seed, device=device)
+            labels = sample_labels(batch, num_classes, seed)
+            y = None if labels is None else labels.to(device)
+            conditions = None if omega is None else omega.to(device).expand(len(batch), -1)
+            x = sample(model, noise, steps=nfe, y=y, omega=conditions)
+            yield torch.tensor(batch), to_uint8(x).cpu(), labels
+    finally:
+        model.train(was_training)
