@@ -63,8 +63,9 @@ def test_two_rank_resume_is_bitwise_exact(engine, async_save, tmp_path):
     run_world(2, "tiny_mf", [*common(split, 3), *kind, "checkpoint.every=1"])
     run_world(2, "tiny_mf", [*common(split, 6), *kind])   # resumes: the dir holds step 3
     assert losses(split) == losses(straight)
-    for key, value in model_state(split, 6).items():
-        assert torch.equal(value, model_state(straight, 6)[key]), key
+    for component in ("model", "ema"):
+        for key, value in model_state(split, 6, component).items():
+            assert torch.equal(value, model_state(straight, 6, component)[key]), (component, key)
 
 
 def test_fsdp2_resumes_on_another_world_size(single_runs, tmp_path):
@@ -80,6 +81,7 @@ def test_bf16_autocast_trains_close_to_fp32(single_runs, tmp_path):
     config, extra = OBJECTIVES["imf"]
     run_world(2, config, [*common(tmp_path, 5), *extra, "engine.kind=fsdp2", "engine.precision=bf16"])
     torch.testing.assert_close(losses(tmp_path), losses(single_runs["imf"]), rtol=2e-2, atol=1e-3)
+    assert losses(tmp_path) != losses(single_runs["imf"])      # bf16 really ran: not the fp32 numbers
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2", "deepspeed"])

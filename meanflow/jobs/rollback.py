@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meanflow.platform.distributed import all_gather_objects
 from meanflow.platform.rng import rng_state, set_rng_state
 
 
@@ -45,8 +46,9 @@ class RollbackTargets:
         return max(healthy) if healthy else None
 
     def restore(self) -> tuple[int, str]:
-        """Restore the newest healthy state into the engine, data stream and RNGs; returns (step, source)."""
-        commit = self.newest_healthy_commit()
+        """Restore the newest healthy state into the engine, data stream and RNGs; returns (step, source).
+        Collective: rank 0 lists the store and its choice is broadcast, so every rank restores the same step."""
+        commit = all_gather_objects(self.newest_healthy_commit())[0]
         snap = self.snapshot
         if snap is not None and (commit is None or snap.step >= commit):
             self.engine.load_state_dict(_to_cpu(snap.engine_state))

@@ -35,11 +35,12 @@ def main(argv=None) -> int:
             raise ConfigError("--cluster slurm: SLURM submission is not built yet (the jobs issue adds it); "
                               "use --cluster local")
         from meanflow.jobs.train import Trainer, TrainingFailed   # heavy imports after the config is valid
+        from meanflow.platform.engines import EngineJVPError
         Trainer(cfg).run()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except TrainingFailed as err:
+    except (TrainingFailed, EngineJVPError) as err:
         print(f"training failed: {err}", file=sys.stderr)
         return 1
     return 0

@@ -7,8 +7,10 @@ in one collective, and rank 0 alone writes metrics, logs and the checkpoint COMM
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,9 +23,9 @@ from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
 from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
 from meanflow.platform.config import ConfigError, save_config
-from meanflow.platform.distributed import (all_gather_objects, all_reduce_mean, init_distributed, resolve_env,
-                                           shutdown)
-from meanflow.platform.engines import build_engine, jvp_smoke_test
+from meanflow.platform.distributed import (all_gather_objects, all_reduce_mean, barrier, init_distributed,
+                                           resolve_env, shutdown)
+from meanflow.platform.engines import EngineJVPError, build_engine, jvp_smoke_test
 from meanflow.platform.guard import Decision, Guard, injected_loss_factor
 from meanflow.platform.metrics import MetricsSink, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
@@ -32,6 +34,16 @@ from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
 
 class TrainingFailed(RuntimeError):
     pass
+
+
+def git_sha() -> str | None:
+    """The code's commit, recorded in every checkpoint (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +90,9 @@ class Trainer:
                                      async_save=ckpt.async_save)
         self.metrics = MetricsSink(join(self.run_dir, "metrics.jsonl")) if self.env.is_main else None
         self.local_batch = cfg.data.global_batch // self.env.world_size
+        if self.local_batch % cfg.optim.grad_accum or cfg.data.global_batch % self.env.world_size:
+            raise ConfigError(f"data.global_batch: {cfg.data.global_batch} does not split into {self.env.world_size} "
+                              f"ranks × optim.grad_accum={cfg.optim.grad_accum} equal micro-batches")
         self.step = 0
         self.saved_step: int | None = None
         self.guard = Guard(cfg.guard) if cfg.guard.enabled else None
@@ -85,6 +100,7 @@ class Trainer:
         self.attempt = 0                     # training steps attempted, repeats after a rollback included
         self.cooldown_until = -1
         self.unhealthy_since_save = False    # a detector fired since the last checkpoint
+        self.git_sha = git_sha()
 
     # ------------------------------------------------------------------------------------------------ resume
     def _check_same_run(self) -> None:
@@ -117,6 +133,8 @@ class Trainer:
             self.stream.load_state_dict(meta["data"])
             self._restore_rng(train_state["rng"])
             self.attempt = train_state.get("attempt", step)
+            self.cooldown_until = train_state.get("cooldown_until", -1)
+            self.unhealthy_since_save = not commits.get(step, {}).get("healthy", True)
             if self.guard and train_state.get("guard"):
                 self.guard.load_state_dict(train_state["guard"])   # its windows: a resumed run decides alike
             self.step = self.saved_step = step
@@ -131,7 +149,9 @@ class Trainer:
     def save(self) -> str:
         data_state = merge_stream_states(all_gather_objects(self.stream.state_dict()))
         train_state = {"step": self.step, "rng": all_gather_objects(rng_state()), "attempt": self.attempt,
-                       "guard": self.guard.state_dict() if self.guard else None}
+                       "guard": self.guard.state_dict() if self.guard else None,
+                       "cooldown_until": self.cooldown_until, "config": save_config(self.cfg),
+                       "git_sha": self.git_sha}
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": data_state}
         started = time.perf_counter()
@@ -179,7 +199,7 @@ class Trainer:
             self.engine.lr_scale = cfg.guard.cooldown_factor if self.attempt <= self.cooldown_until else 1.0
             totals["lr"] = torch.tensor(self.engine.apply(self.step))
             self.step += 1
-            if self.guard and self.step % cfg.guard.snapshot_every == 0:
+            if self.guard and cfg.guard.snapshot_every and self.step % cfg.guard.snapshot_every == 0:
                 self.targets.take_snapshot(self.step)
             return totals
         self.engine.skip()
@@ -197,19 +217,28 @@ class Trainer:
         return None
 
     def rollback(self, event: dict) -> None:
-        """Every rank restores the newest healthy state, then jumps the data stream past the offending window."""
+        """Every rank restores the same healthy state (rank 0 chooses it), then the data stream jumps past the
+        offending window: at least ``guard.skip_batches`` batches, and never back onto batches already read."""
+        self.store.wait()                                     # no commit lands while the target is chosen
+        consumed = self.stream.state_dict()["batches"]
         target, source = self.targets.restore()
         if target < 0:
             self.write_metrics({**event, "event": "fail", "detector": event["detector"] + ", nothing to roll back to"})
             raise TrainingFailed(f"guard: step {self.step}: {event['detector']} and no healthy state to roll back to")
-        skip = self.cfg.guard.skip_batches * self.cfg.data.global_batch
-        self.stream.skip(skip)
+        restored = self.stream.state_dict()["batches"]
+        batches = max(self.cfg.guard.skip_batches, consumed - restored)
+        self.stream.skip(batches * self.cfg.data.global_batch)
+        if self.env.is_main:   # the abandoned trajectory's checkpoints must not be resumed or overwritten in place
+            self.store.discard_after(target)
+        barrier()
         self.cooldown_until = self.attempt + self.cfg.guard.cooldown_steps
-        self.write_metrics({**event, "rollback_to": target, "source": source, "skipped_samples": skip,
-                            "data_batches_after": self.stream.state_dict().get("batches")})
+        self.write_metrics({**event, "rollback_to": target, "source": source,
+                            "skipped_samples": batches * self.cfg.data.global_batch,
+                            "data_batches_after": self.stream.state_dict()["batches"]})
         self.log(f"guard: rollback at step {self.step} ({event['detector']}) to step {target} from {source}; "
-                 f"data stream skipped {skip} samples")
+                 f"data stream jumped {batches} batches")
         self.step = target
+        self.saved_step = target if source.startswith("checkpoint") else None
 
     def _mean_over_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One all-reduce for every stat (same keys on every rank: objectives report a fixed set)."""
@@ -229,8 +258,14 @@ class Trainer:
         self.resume_or_start()
         if cfg.engine.jvp_smoke_test and cfg.objective.name != "fm":
             conditions = guidance_conditions(2, 1.0, device=self.device) if cfg.model.family == "imf_dit" else None
-            error = jvp_smoke_test(self.engine, tuple(self.stream.sample_shape), cfg.model.num_classes,
-                                   self.device, seed=cfg.run.seed, conditions=conditions)
+            try:
+                error, failure = jvp_smoke_test(self.engine, tuple(self.stream.sample_shape), cfg.model.num_classes,
+                                                self.device, seed=cfg.run.seed, conditions=conditions), None
+            except EngineJVPError as err:
+                error, failure = None, str(err)
+            failures = [f for f in all_gather_objects(failure) if f]   # every rank stops, or none does
+            if failures:
+                raise EngineJVPError(failures[0])
             self.log(f"JVP smoke test ({self.engine.name}): relative error vs finite difference {error:.2e}")
         self.log(f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/"
                  f"{cfg.model.size} ({count_parameters(self.engine.model) / 1e6:.2f}M params), device "

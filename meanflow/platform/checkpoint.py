@@ -119,7 +119,9 @@ class CheckpointStore:
         self._pruner: threading.Thread | None = None
         self._uploader: threading.Thread | None = None
         self._upload_error: BaseException | None = None
-        self._group = new_group_like_world() if async_save else None
+        # The save path's own group, also for synchronous saves: its collectives wait while a rank retries an
+        # upload, for up to max_outage_s, longer than the training group's timeout allows.
+        self._group = new_group_like_world(timeout_s=max_outage_s + 2 * upload_timeout_s + 120)
         self._pinned: set[int] = set()
 
     def step_url(self, step: int) -> str:
@@ -253,15 +255,17 @@ class CheckpointStore:
             raise CheckpointError(f"{url}: sha256 differs from COMMIT.json; refusing to load it")
         return data
 
-    def load(self, step: int, engine) -> tuple[dict, dict]:
-        """Load a committed step into ``engine`` (collective for dcp); returns (train_state, metadata)."""
+    def _verify(self, step: int, engine) -> tuple[dict, dict[str, bytes]]:
+        """(COMMIT, every file's bytes), each checked against its sha256; raises CheckpointError otherwise."""
         commit = self._commit(step)
         if commit is None:
             raise CheckpointError(f"{self.step_url(step)}: no {COMMIT} (not a committed checkpoint)")
         if commit["format"] != engine.checkpoint_format:
             raise CheckpointError(f"{self.step_url(step)}: written by a '{commit['format']}'-format engine, this is "
                                   f"engine {engine.name} ('{engine.checkpoint_format}')")
-        verified = {name: self._verified_bytes(step, commit, name) for name in commit["files"]}
+        return commit, {name: self._verified_bytes(step, commit, name) for name in commit["files"]}
+
+    def _apply(self, commit: dict, verified: dict[str, bytes], engine) -> tuple[dict, dict]:
         if commit["format"] == "files":
             self._load_engine_files(engine, verified)
         else:
@@ -269,6 +273,18 @@ class CheckpointStore:
                                     for name, data in verified.items() if name != "train_state.pt"})
         train_state = torch.load(io.BytesIO(verified["train_state.pt"]), weights_only=True, map_location="cpu")
         return train_state, commit["metadata"]
+
+    def load(self, step: int, engine) -> tuple[dict, dict]:
+        """Load a committed step into ``engine`` (collective for sharded engines); returns (train_state, metadata).
+        Every rank must pass verification, or every rank raises."""
+        try:
+            commit, verified, error = *self._verify(step, engine), None
+        except CheckpointError as err:
+            commit, verified, error = None, None, str(err)
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
+        return self._apply(commit, verified, engine)
 
     def _load_engine_files(self, engine, verified: dict[str, bytes]) -> None:
         """The verified files, laid out locally as the engine wrote them, then the engine's own loader (DCP or
@@ -284,7 +300,7 @@ class CheckpointStore:
     def load_latest(self, engine) -> tuple[Optional[int], dict, dict]:
         """Newest committed step that passes verification; a failing one is skipped with a warning.
         Returns (step, train_state, metadata), or (None, {}, {}) when there is none."""
-        for step in reversed(self.steps()):
+        for step in all_gather_objects(list(reversed(self.steps())))[0]:   # rank 0's listing, on every rank
             try:
                 train_state, metadata = self.load(step, engine)
                 return step, train_state, metadata
@@ -310,6 +326,13 @@ class CheckpointStore:
             self.prune()
         except Exception as err:   # the next commit's pass retries; a failed deletion loses nothing
             warnings.warn(f"checkpoint retention pass failed: {type(err).__name__}: {err}", stacklevel=1)
+
+    def discard_after(self, step: int) -> None:
+        """Delete committed steps newer than ``step`` (a rollback abandoned them), COMMIT first so a half-deleted
+        step is never taken for committed."""
+        for newer in [s for s in self.steps() if s > step and s not in self._pinned]:
+            self.fs.rm(join(self.path, f"step-{newer:08d}", COMMIT))
+            self.fs.rm(self.step_url(newer), recursive=True)
 
     def pin(self, step: int, reason: str) -> None:
         """Protect a step from retention (an evaluation reading it, a rollback target) until ``unpin``."""

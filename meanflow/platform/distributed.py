@@ -102,9 +102,10 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def new_group_like_world():
-    """A second gloo group over all ranks, for collectives issued from a background thread (checkpoint uploads),
-    so they never interleave with the training thread's collectives on the default group."""
+def new_group_like_world(timeout_s: float):
+    """A second gloo group over all ranks with its own timeout, for the checkpoint save path: its collectives may
+    run in a background thread (never interleaved with training's on the default group) and may wait out a
+    storage outage."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.new_group(backend="gloo")
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return None

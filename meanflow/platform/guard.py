@@ -4,8 +4,8 @@ fail. Pure logic, no tensors or collectives: every rank sees the same reduced va
 Detectors (on the stats an objective reports; there is no ``jvp_norm`` for ``fm``):
 - non-finite: any of ``loss``, ``grad_norm``, ``jvp_norm`` is NaN/Inf;
 - spike: after ``warmup`` healthy values, a z-score above ``z_threshold`` against the last ``window`` healthy
-  values, or a value above ``ratio`` × the running maximum of healthy values (slow ramps that keep the window's
-  own spread growing).
+  values, or a value above ``ratio`` × the maximum of the healthy values older than the window (a slow ramp
+  widens the window's own spread and escapes the z-score).
 Responses, in tiers: a spike skips the step; ``max_skips`` skips within ``skip_window`` steps, or any non-finite
 value, roll back; ``max_rollbacks`` rollbacks within ``rollback_window`` steps fail the run.
 """
@@ -31,16 +31,19 @@ class Decision:
 
 
 class RollingStat:
-    """Window of healthy values of one stat, with its running maximum."""
+    """Window of healthy values of one stat, and the maximum of the values older than the window. The ratio test
+    compares with that lagged maximum: an all-time maximum rises along with a slow ramp and never fires, while a
+    value ``ratio`` × above everything seen a window ago is a ramp that grew too far."""
 
     def __init__(self, window: int):
         self.values: deque[float] = deque(maxlen=window)
         self.count, self.max = 0, -math.inf
 
     def add(self, value: float) -> None:
+        if len(self.values) == self.values.maxlen:
+            self.max = max(self.max, self.values[0])   # the value leaving the window
         self.values.append(value)
         self.count += 1
-        self.max = max(self.max, value)
 
     def zscore(self, value: float) -> float:
         n = len(self.values)

@@ -75,8 +75,14 @@ class DeepSpeedEngine(Engine):
         return lr
 
     def skip(self) -> None:
+        """What DeepSpeed's own overflow path does instead of a step: drop the reduced partitions and buffers."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
         zero = self.zero
+        zero.micro_step_id = INITIAL_MICRO_STEP_ID
         zero.zero_grad(set_to_none=True)
+        if hasattr(zero, "_release_preflattened_grad_buffers"):
+            zero._release_preflattened_grad_buffers()
         for k in list(zero.averaged_gradients.keys()):
             zero.averaged_gradients[k] = None
             if hasattr(zero, "all_grad_tensors"):

@@ -49,6 +49,14 @@ class FSDP2Engine(Engine):
                     local_tensor(e).copy_(local_tensor(p))
         super().__init__(model, ema, optim_cfg, device, precision)
 
+    def _update_ema(self, step: int) -> None:
+        # shard_grad_op keeps a module gathered after a forward with no backward (the EMA proxy's): shard it again,
+        # or the lerp would write into the gathered copy and be lost.
+        for module in self.ema_model.modules():
+            if hasattr(module, "reshard"):
+                module.reshard()
+        super()._update_ema(step)
+
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
         self.model.set_requires_gradient_sync(sync)   # accumulate micro-batches locally, reduce-scatter once
         loss.backward()
