@@ -287,7 +287,11 @@ class GuardConfig:
     warmup: int = 20
     """Healthy values per stat before spike detection starts."""
     ratio: float = 10.0
-    """Spike: a value above this multiple of the stat's running maximum (catches slow ramps; 0: off)."""
+    """Ramp: a value above this multiple of the maximum of the stat's healthy values older than the window
+    (0: off)."""
+    ratio_warmup: int = 1000
+    """Healthy values per stat before the ramp test starts (norms legitimately grow by orders of magnitude early
+    in training, from the zero-initialised output)."""
     max_skips: int = 3
     """This many skipped steps within skip_window attempts trigger a rollback."""
     skip_window: int = 50

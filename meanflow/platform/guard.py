@@ -4,8 +4,9 @@ fail. Pure logic, no tensors or collectives: every rank sees the same reduced va
 Detectors (on the stats an objective reports; there is no ``jvp_norm`` for ``fm``):
 - non-finite: any of ``loss``, ``grad_norm``, ``jvp_norm`` is NaN/Inf;
 - spike: after ``warmup`` healthy values, a z-score above ``z_threshold`` against the last ``window`` healthy
-  values, or a value above ``ratio`` × the maximum of the healthy values older than the window (a slow ramp
-  widens the window's own spread and escapes the z-score).
+  values, or, after ``ratio_warmup`` healthy values, a value above ``ratio`` × the maximum of the healthy values
+  older than the window (a slow ramp widens the window's own spread and escapes the z-score; the early phase of
+  training, where norms grow by orders of magnitude from a zero-initialised output, is exempt).
 Responses, in tiers: a spike skips the step; ``max_skips`` skips within ``skip_window`` steps, or any non-finite
 value, roll back; ``max_rollbacks`` rollbacks within ``rollback_window`` steps fail the run.
 """
@@ -67,7 +68,8 @@ class Guard:
                 continue
             if self.cfg.z_threshold and history.zscore(value) > self.cfg.z_threshold:
                 return Decision("skip", f"zscore:{name}", values)
-            if self.cfg.ratio and history.max > 0 and value > self.cfg.ratio * history.max:
+            if (self.cfg.ratio and history.count >= self.cfg.ratio_warmup and history.max > 0
+                    and value > self.cfg.ratio * history.max):
                 return Decision("skip", f"ratio:{name}", values)
         return None
 
