@@ -65,7 +65,7 @@ def _skip_rank_main(rank: int, world: int, port: int, kind: str, out: str) -> No
     from meanflow.models import build_model
     from meanflow.objectives import ObjectiveContext, build_objective
     from meanflow.platform.config import load_config
-    from meanflow.platform.distributed import init_distributed, resolve_env
+    from meanflow.platform.distributed import init_distributed, resolve_env, shutdown
     from meanflow.platform.engines import build_engine
     from meanflow.platform.engines.base import local_tensor
 
@@ -105,6 +105,7 @@ def _skip_rank_main(rank: int, world: int, port: int, kind: str, out: str) -> No
     same_after = all(torch.equal(x, y) for x, y in zip(snapshot(a), snapshot(b)))
     if rank == 0:
         Path(out).write_text(json.dumps({"untouched": untouched, "same_after": same_after}))
+    shutdown()   # a process that exits with a live gloo group can abort in its destructor
 
 
 def skip_check(world: int, kind: str, out: Path) -> dict:
@@ -126,7 +127,7 @@ def _sharded_jvp_main(rank: int, world: int, port: int, out: str) -> None:
     from meanflow.objectives.base import model_u
     from meanflow.objectives.jvp import jvp
     from meanflow.platform.config import load_config
-    from meanflow.platform.distributed import init_distributed, resolve_env
+    from meanflow.platform.distributed import init_distributed, resolve_env, shutdown
     from meanflow.platform.engines.fsdp2 import shard_model
     from meanflow.platform.engines.jvp_patches import patch_fsdp2_forward_ad
 
@@ -155,6 +156,7 @@ def _sharded_jvp_main(rank: int, world: int, port: int, out: str) -> None:
         Path(out).write_text(json.dumps({"primal": (u_ref - u_sh).abs().max().item(),
                                          "tangent": (du_ref - du_sh).abs().max().item(),
                                          "tangent_scale": du_ref.abs().max().item()}))
+    shutdown()
 
 
 def sharded_jvp_check(world: int, out: Path) -> dict:
@@ -169,7 +171,7 @@ def _feature_stats_main(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from meanflow.evaluation.feature_stats import FeatureMoments, InceptionScoreSums
-    from meanflow.platform.distributed import init_distributed, resolve_env
+    from meanflow.platform.distributed import init_distributed, resolve_env, shutdown
 
     init_distributed(resolve_env(), torch.device("cpu"), 60, required=True)
     g = torch.Generator().manual_seed(0)
@@ -183,6 +185,7 @@ def _feature_stats_main(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         mu, sigma = moments.mean_cov()
         Path(out).write_text(json.dumps({"mu": mu.tolist(), "sigma": sigma.tolist(), "is": sums.score()}))
+    shutdown()
 
 
 def feature_stats_over(world: int, out: Path) -> dict:
