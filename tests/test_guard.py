@@ -41,6 +41,19 @@ def test_a_spike_is_skipped_after_warmup_only():
     assert (decision.action, decision.detector) == ("skip", "zscore:loss")
 
 
+def test_a_regime_change_in_a_norm_is_not_a_spike():
+    """The end of LR warm-up on the README run (tiny_imf): grad_norm, ~0.35–1 for a window, moves to 2–5 within a
+    few steps. On a linear scale that scored 6.5σ and rolled back a healthy run; norms are z-scored as logs."""
+    g = guard()
+    quiet = [0.35 + 0.65 * (0.5 + 0.5 * math.sin(1.7 * i)) for i in range(128)]
+    for i, v in enumerate(quiet):
+        assert g.decide(i, {"grad_norm": v}).action == "apply"
+    rising = [g.decide(128 + i, {"grad_norm": v}) for i, v in enumerate([1.4, 2.0, 2.7, 3.1, 3.8, 4.6, 4.4])]
+    assert [d.action for d in rising] == ["apply"] * 7
+    # a real spike still fires: 100× the window
+    assert g.decide(135, {"grad_norm": 100 * quiet[-1]}).detector == "zscore:grad_norm"
+
+
 def test_a_slow_ramp_is_caught_by_the_lagged_maximum():
     """3% growth per step with 20% noise: the z-score adapts to it; ratio against the maximum older than the
     window (128) fires once the ramp has grown 10× over a window."""

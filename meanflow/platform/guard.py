@@ -4,7 +4,9 @@ fail. Pure logic, no tensors or collectives: every rank sees the same reduced va
 Detectors (on the stats an objective reports; there is no ``jvp_norm`` for ``fm``):
 - non-finite: any of ``loss``, ``grad_norm``, ``jvp_norm`` is NaN/Inf;
 - spike: after ``warmup`` healthy values, a z-score above ``z_threshold`` against the last ``window`` healthy
-  values, or, after ``ratio_warmup`` healthy values, a value above ``ratio`` × the maximum of the healthy values
+  values (for the norms, of their logarithms: norms vary multiplicatively, and on a linear scale a quiet window's
+  small spread made the 5× regime change at the end of LR warm-up score 6.5σ; in log space it scores 3.4σ
+  while a 100× spike still scores ~9σ), or, after ``ratio_warmup`` healthy values, a value above ``ratio`` × the maximum of the healthy values
   older than the window (a slow ramp widens the window's own spread and escapes the z-score; the early phase of
   training, where norms grow by orders of magnitude from a zero-initialised output, is exempt).
 Responses, in tiers: a spike skips the step; ``max_skips`` skips within ``skip_window`` steps, or any non-finite
@@ -18,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 WATCHED = ("loss", "grad_norm", "jvp_norm")
+LOG_SCALE = ("grad_norm", "jvp_norm")   # non-negative norms, z-scored as logarithms
 
 
 @dataclass
@@ -36,9 +39,13 @@ class RollingStat:
     compares with that lagged maximum: an all-time maximum rises along with a slow ramp and never fires, while a
     value ``ratio`` × above everything seen a window ago is a ramp that grew too far."""
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, log_scale: bool = False):
         self.values: deque[float] = deque(maxlen=window)
         self.count, self.max = 0, -math.inf
+        self.log_scale = log_scale
+
+    def _scale(self, value: float) -> float:
+        return math.log(max(value, 1e-30)) if self.log_scale else value
 
     def add(self, value: float) -> None:
         if len(self.values) == self.values.maxlen:
@@ -47,16 +54,17 @@ class RollingStat:
         self.count += 1
 
     def zscore(self, value: float) -> float:
-        n = len(self.values)
-        mean = sum(self.values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / max(n - 1, 1))
-        return (value - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+        scaled = [self._scale(v) for v in self.values]
+        n = len(scaled)
+        mean = sum(scaled) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in scaled) / max(n - 1, 1))
+        return (self._scale(value) - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
 
 
 class Guard:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.stats = {name: RollingStat(cfg.window) for name in WATCHED}
+        self.stats = {name: RollingStat(cfg.window, log_scale=name in LOG_SCALE) for name in WATCHED}
         self.skip_steps: deque[int] = deque()
         self.rollback_steps: deque[int] = deque()
         self.counts = {"skip": 0, "rollback": 0}
