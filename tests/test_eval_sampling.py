@@ -5,7 +5,8 @@ import hashlib
 import pytest
 import torch
 
-from meanflow.evaluation.sampling import generate_uint8, rank_indices, sample_labels
+from meanflow.evaluation.images import to_uint8
+from meanflow.evaluation.sampling import generate, rank_indices, sample_labels
 from meanflow.models import build_model
 from meanflow.platform.config import load_config
 
@@ -25,9 +26,9 @@ def model():
 def set_hash(model, world: int, batch_size: int, n: int = 96) -> str:
     images = {}
     for rank in range(world):
-        for idx, uint8, _ in generate_uint8(model, rank_indices(n, rank, world), (1, 8, 8), 10, seed=7,
-                                            batch_size=batch_size):
-            images.update(zip(idx.tolist(), uint8))
+        for idx, x, _ in generate(model, rank_indices(n, rank, world), (1, 8, 8), 10, seed=7,
+                                  batch_size=batch_size):
+            images.update(zip(idx.tolist(), to_uint8(x)))
     assert sorted(images) == list(range(n))
     return hashlib.sha256(b"".join(images[i].numpy().tobytes() for i in range(n))).hexdigest()
 

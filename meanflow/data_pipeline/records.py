@@ -63,6 +63,22 @@ def encode_record(kind: str, index: int, value: Any, label: int | None,
     return record
 
 
+def latent_normalization(manifest: dict[str, Any], latent_norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) with normalised = (latent − shift)·scale, for the manifest's VAE and ``data.latent_norm``;
+    evaluation inverts it before decoding."""
+    if latent_norm not in LATENT_NORMS:
+        raise ValueError(f"data.latent_norm: {latent_norm!r}, expected one of {LATENT_NORMS}")
+    norm = manifest["normalization"]
+    if latent_norm == "mf":
+        return torch.zeros(()), torch.tensor(float(norm["mf"]["scale_factor"]))
+    if latent_norm not in norm:
+        raise ValueError(f"data.latent_norm: {latent_norm!r} is not available for this VAE's latents "
+                         f"(the manifest has {', '.join(norm)})")
+    stats, channel = norm[latent_norm], (-1, 1, 1)
+    return (torch.tensor(stats["channel_mean"], dtype=torch.float32).view(channel),
+            1.0 / torch.tensor(stats["channel_std"], dtype=torch.float32).view(channel))
+
+
 class RecordDecoder:
     """Decodes raw records of one shard set into ``{"x", "y"?, "index"}``; returns None for a corrupt record."""
 
@@ -72,16 +88,7 @@ class RecordDecoder:
         self.seed, self.latent_flip = seed, latent_flip
         self.last_error = ""
         if self.kind == "latent":
-            if latent_norm not in LATENT_NORMS:
-                raise ValueError(f"data.latent_norm: {latent_norm!r}, expected one of {LATENT_NORMS}")
-            norm = manifest["normalization"]
-            if latent_norm == "mf":
-                self.shift, self.scale = torch.zeros(()), torch.tensor(float(norm["mf"]["scale_factor"]))
-            else:
-                stats = norm[latent_norm]
-                channel = (-1, 1, 1)
-                self.shift = torch.tensor(stats["channel_mean"], dtype=torch.float32).view(channel)
-                self.scale = 1.0 / torch.tensor(stats["channel_std"], dtype=torch.float32).view(channel)
+            self.shift, self.scale = latent_normalization(manifest, latent_norm)
 
     def __call__(self, record: dict[str, Any] | None, epoch: int) -> dict[str, torch.Tensor] | None:
         if record is None:

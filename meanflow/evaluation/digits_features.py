@@ -21,6 +21,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 NAME = "digits-cnn"
 WEIGHTS = Path(__file__).with_name("digits_cnn.safetensors")
 FEATURES = ("64", "logits_unbiased")
+IMAGE_SHAPE = (1, 8, 8)
 
 
 class DigitsCNN(nn.Module):
@@ -48,7 +49,8 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if not path.exists():
             raise FileNotFoundError(f"eval.feature_weights: no digits-cnn weights at {path}")
         self.net = DigitsCNN()
-        self.net.load_state_dict(load_file(str(path)))
+        self.net.load_state_dict(load_file(str(path)) if path.suffix == ".safetensors"
+                                 else torch.load(path, weights_only=True, map_location="cpu"))
         self.net.eval()
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
@@ -37,7 +37,7 @@ class FeatureMoments:
 
     def all_reduce(self) -> "FeatureMoments":
         """Sum over ranks in one collective."""
-        packed = _all_reduce_sum(torch.cat([self.n.view(1), self.s1, self.s2.view(-1)]))
+        packed = all_reduce_sum(torch.cat([self.n.view(1), self.s1, self.s2.view(-1)]))
         self.n, self.s1 = packed[0], packed[1:1 + self.dim]
         self.s2 = packed[1 + self.dim:].view(self.dim, self.dim)
         return self
@@ -79,7 +79,7 @@ class InceptionScoreSums:
 
     def all_reduce(self) -> "InceptionScoreSums":
         k = self.p_sum.shape[1]
-        packed = _all_reduce_sum(torch.cat([self.count, self.p_sum.view(-1), self.plogp_sum]))
+        packed = all_reduce_sum(torch.cat([self.count, self.p_sum.view(-1), self.plogp_sum]))
         self.count = packed[:self.splits]
         self.p_sum = packed[self.splits:self.splits * (1 + k)].view(self.splits, k)
         self.plogp_sum = packed[self.splits * (1 + k):]

@@ -1,8 +1,8 @@
 """Generation for evaluation, split over ranks by global sample index.
 
 Sample i's noise and class label depend only on (eval seed, i), and rank r of W generates indices r, r+W, …, so the
-set of generated images is the same for any world size and batch size. Images leave as uint8 through the one
-formula ``clamp(127.5·x + 128, 0, 255)`` (``images.to_uint8``), recorded with the metrics.
+set of generated images is the same for any world size and batch size. Images become uint8 through the one formula
+``clamp(127.5·x + 128, 0, 255)`` (``images.to_uint8``), recorded with the metrics.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from tqdm import tqdm
 
 from meanflow.objectives import sample, sample_noise
 from meanflow.seeding import stream_seed
-
-from .images import to_uint8
 
 UINT8_FORMULA = "clamp(127.5*x + 128, 0, 255) -> uint8 (truncation)"
 
@@ -32,11 +30,13 @@ def rank_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_uint8(model, indices: Sequence[int], shape: Sequence[int], num_classes: int, seed: int, *,
-                   nfe: int = 1, omega: torch.Tensor | None = None, batch_size: int = 256, device="cpu",
-                   show_progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Yields (indices, uint8 images (B, C, H, W), labels or None) batch by batch. ``omega``: iMF's guidance
-    conditions (1, 3), repeated for every sample."""
+def generate(model, indices: Sequence[int], shape: Sequence[int], num_classes: int, seed: int, *,
+             nfe: int = 1, omega: torch.Tensor | None = None, batch_size: int = 256, device="cpu",
+             autocast_dtype: torch.dtype | None = None,
+             show_progress: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Yields (indices, samples (B, *shape) float32 on ``device``, labels or None) batch by batch. ``omega``: iMF's
+    guidance conditions (1, 3), repeated for every sample. ``autocast_dtype``: run the model under autocast (bf16 on
+    a GPU); the noise is drawn in float32 either way."""
     indices = list(indices)
     was_training = model.training
     model.eval()
@@ -48,7 +48,9 @@ def generate_uint8(model, indices: Sequence[int], shape: Sequence[int], num_clas
             labels = sample_labels(batch, num_classes, seed)
             y = None if labels is None else labels.to(device)
             conditions = None if omega is None else omega.to(device).expand(len(batch), -1)
-            x = sample(model, noise, steps=nfe, y=y, omega=conditions)
-            yield torch.tensor(batch), to_uint8(x).cpu(), labels
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                x = sample(model, noise, steps=nfe, y=y, omega=conditions)
+            yield torch.tensor(batch), x.float(), labels
     finally:
         model.train(was_training)

@@ -1,5 +1,9 @@
 """``python jobs/submit.py --cluster local --config tiny_imf [key=value ...]``: the user's entry point.
 
+Training is the default command; the others act on a run directory:
+    eval    score committed steps (FID/IS or SW)      sample  samples of a step as PNG + .npz
+    export  EMA weights + model config (safetensors)  plot    loss, jvp_norm and FID vs step as a PNG
+
 Exit codes: 0 done; 1 training failed; 2 bad input (config key, file, URL, or flag), with a message naming it.
 """
 
@@ -10,9 +14,12 @@ import sys
 
 from meanflow.platform.config import ConfigError, load_config
 
+COMMANDS = ("eval", "sample", "export", "plot")
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.splitlines()[0])
+
+def parse_train_args(argv):
+    p = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.splitlines()[0],
+                                epilog=f"other commands: jobs/submit.py {{{','.join(COMMANDS)}}} --help")
     p.add_argument("--cluster", choices=("local", "debug", "slurm"), default="local",
                    help="local: this machine (CPU without a GPU); debug: in-process; slurm: a SLURM cluster")
     p.add_argument("--config", default="tiny_imf", help="configs/<name>.yaml or a path to a YAML file")
@@ -22,25 +29,43 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def train(args) -> int:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run.run_dir={args.run_dir}")
     if args.resume:
         overrides.append("run.resume=true")
+    cfg = load_config(args.config, overrides)
+    if args.cluster == "slurm":
+        raise ConfigError("--cluster slurm: SLURM submission is not built yet (the jobs issue adds it); "
+                          "use --cluster local")
+    from meanflow.jobs.train import Trainer   # heavy imports after the config is valid
+    Trainer(cfg).run()
+    return 0
+
+
+def run_command(fn, args) -> int:
+    """Run a command, mapping failures to exit codes: bad input 2 (config, missing file or URL), failed 1."""
+    from meanflow.jobs.train import TrainingFailed
+    from meanflow.platform.engines import EngineJVPError
+
     try:
-        cfg = load_config(args.config, overrides)
-        if args.cluster == "slurm":
-            raise ConfigError("--cluster slurm: SLURM submission is not built yet (the jobs issue adds it); "
-                              "use --cluster local")
-        from meanflow.jobs.train import Trainer, TrainingFailed   # heavy imports after the config is valid
-        from meanflow.platform.engines import EngineJVPError
-        Trainer(cfg).run()
-    except ConfigError as err:
+        return fn(args)
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (TrainingFailed, EngineJVPError) as err:
-        print(f"training failed: {err}", file=sys.stderr)
+        print(f"failed: {err}", file=sys.stderr)
         return 1
-    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"meanflow.jobs.{'evaluate' if argv[0] == 'eval' else argv[0]}")
+        p = argparse.ArgumentParser(prog=f"jobs/submit.py {argv[0]}", description=module.__doc__.splitlines()[0])
+        module.add_arguments(p)
+        return run_command(module.run, p.parse_args(argv[1:]))
+    return run_command(train, parse_train_args(argv))

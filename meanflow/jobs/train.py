@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from meanflow.data_pipeline import build_stream, merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
-from meanflow.evaluation.run_report import evaluate_run
+from meanflow.evaluation.evaluator import Evaluator, describe_data
+from meanflow.evaluation.outputs import write_results
 from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
@@ -44,6 +45,12 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def describe_metrics(metrics: dict) -> str:
+    keys = ("guidance", "fid", "is_mean", "class_accuracy", "sw1", "sw2", "samples_per_s")
+    return ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                     for k in keys if metrics.get(k) is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +90,13 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"engine: {err}") from err
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
+        self.evaluator = None
+        if cfg.eval.at_end:   # built now: a missing feature extractor or VAE fails before training, not after
+            try:
+                self.evaluator = Evaluator(cfg, describe_data(cfg.data, cfg.run.seed), self.device, self.env.rank,
+                                           self.env.world_size, require_fid=False)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"{err} (or eval.at_end=false to train without the end-of-run evaluation)") from err
         ckpt = cfg.checkpoint
         self.store = CheckpointStore(ckpt.url or join(self.run_dir, "checkpoints"), keep_last=ckpt.keep_last,
                                      keep_every=ckpt.keep_every, rank=self.env.rank,
@@ -292,15 +306,19 @@ class Trainer:
             raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:
             self.stream.close()   # stops DataLoader workers
-        self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s; evaluating")
-        model = self.engine.ema_model or self.engine.model
-        # Every rank samples (a sharded model's forward is collective); rank 0 scores and writes.
-        report = evaluate_run(model, self.stream, cfg, self.run_dir, self.device, self.step,
-                              write=self.env.is_main)
-        self.write_metrics({"event": "eval", **report})
-        self.log("final eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in report.items()))
-        return report
+        self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s"
+                 + ("; evaluating" if self.evaluator else ""))
+        if self.evaluator is None:
+            return {}
+        # Every rank samples its share (a sharded model's forward is collective too); rank 0 writes.
+        results = self.evaluator.run(self.engine.ema_model or self.engine.model, self.step,
+                                     show_progress=self.env.is_main)
+        if self.env.is_main:
+            write_results(self.run_dir, self.step, results)
+        for result in results:
+            self.write_metrics({"event": "eval", **result.metrics})
+            self.log("eval: " + describe_metrics(result.metrics))
+        return results[0].metrics
 
     def log(self, message: str) -> None:
         if self.env.is_main:

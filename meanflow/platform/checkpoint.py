@@ -297,6 +297,34 @@ class CheckpointStore:
                     path.write_bytes(data)
             engine.load_files(tmp)
 
+    def load_weights(self, step: int, template: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        """A committed step's sampling weights, for any engine's format, read by this rank alone (no collective:
+        evaluation and export run on any world size): the EMA when the run kept one, else the model. Returns
+        (state dict, "ema" | "model"). ``template``: a freshly built model's state dict, into which DCP reads a
+        sharded (fsdp2) checkpoint's full tensors."""
+        commit = self._commit(step)
+        if commit is None:
+            raise CheckpointError(f"{self.step_url(step)}: no {COMMIT} (not a committed checkpoint)")
+        files = commit["files"]
+        for which in ("ema", "model"):
+            for name in (f"{which}.pt", f"engine/{which}.pt"):   # replicated engines; DeepSpeed's plain copies
+                if name in files:
+                    data = self._verified_bytes(step, commit, name)
+                    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"), which
+        import torch.distributed.checkpoint as dcp
+
+        with tempfile.TemporaryDirectory(prefix="meanflow-ckpt-") as tmp:
+            for name in files:   # every shard of the DCP checkpoint (optimizer included: DCP has no per-key files)
+                if name.startswith("engine/"):
+                    path = Path(tmp, name[len("engine/"):])
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(self._verified_bytes(step, commit, name))
+            keys = dcp.FileSystemReader(tmp).read_metadata().state_dict_metadata
+            which = "ema" if any(k.startswith("ema.") for k in keys) else "model"
+            state = {which: {k: torch.empty_like(v, device="cpu") for k, v in template.items()}}
+            dcp.load(state, storage_reader=dcp.FileSystemReader(tmp), no_dist=True)
+        return state[which], which
+
     def load_latest(self, engine) -> tuple[Optional[int], dict, dict]:
         """Newest committed step that passes verification; a failing one is skipped with a warning.
         Returns (step, train_state, metadata), or (None, {}, {}) when there is none."""

@@ -1,0 +1,67 @@
+"""Where an evaluation's results go: ``<run>/eval/step-000NNNNN/`` (metrics.json, a sample grid or scatter plot per
+guidance setting) and one row per setting appended to ``<run>/eval/metrics.jsonl`` (what ``plot`` reads).
+
+metrics.json is written last, via temp-then-rename where the store can rename. It accumulates: a later evaluation
+of the same step with other settings (a guidance sweep, more samples) adds its results, and one with the same
+settings (guidance, NFE, number of samples, seed) replaces them. Evaluation jobs skip a step whose metrics.json
+already holds every requested setting.
+"""
+
+from __future__ import annotations
+
+import json
+
+from meanflow.platform.metrics import MetricsSink
+from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
+
+from .evaluator import SettingResult, guidance_tag
+from .images import save_image_grid, save_scatter_png
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return join(run_dir, "eval", f"step-{step:08d}")
+
+
+def metrics_url(run_dir: str, step: int) -> str:
+    return join(step_dir(run_dir, step), "metrics.json")
+
+
+def setting_key(row: dict) -> str:
+    """What makes two results of one step comparable: the same sampling setting."""
+    return json.dumps([row.get("guidance"), row["nfe"], row["num_samples"], row["seed"]], sort_keys=True)
+
+
+def stored_results(run_dir: str, step: int) -> list[dict]:
+    try:
+        return json.loads(read_bytes(metrics_url(run_dir, step)))["results"]
+    except FileNotFoundError:
+        return []
+
+
+def is_evaluated(run_dir: str, step: int, wanted: list[dict]) -> bool:
+    """Whether the step's metrics.json holds a result for each wanted setting (dicts with the setting_key fields)."""
+    have = {setting_key(r) for r in stored_results(run_dir, step)}
+    return all(setting_key(w) in have for w in wanted)
+
+
+def write_results(run_dir: str, step: int, results: list[SettingResult], extra: dict | None = None) -> str:
+    """Pictures, then metrics.json, then the jsonl rows; returns metrics.json's URL."""
+    out = step_dir(run_dir, step)
+    rows = []
+    for result in results:
+        m = result.metrics
+        name = f"samples{guidance_tag(m['guidance'])}.png"
+        if result.points is not None and result.points.shape[1] == 2:
+            save_scatter_png(result.points, join(out, name), reference=result.real,
+                             title=f"step {step}: {m['nfe']}-NFE, SW1 {m['sw1']:.3f}")
+        elif result.grid is not None:
+            save_image_grid(result.grid, join(out, name), nrow=8)
+        rows.append({**m, **(extra or {}), "picture": name})
+    url = metrics_url(run_dir, step)
+    new = {setting_key(r) for r in rows}
+    kept = [r for r in stored_results(run_dir, step) if setting_key(r) not in new]
+    write_bytes_atomic(url, json.dumps({"step": step, "results": kept + rows}, indent=1).encode())
+    sink = MetricsSink(join(run_dir, "eval", "metrics.jsonl"))
+    for row in rows:
+        sink.write(row)
+    return url

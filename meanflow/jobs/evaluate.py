@@ -1,0 +1,167 @@
+"""The evaluation job: score a run's committed checkpoints, on any number of ranks.
+
+    python -m meanflow.jobs.evaluate --run-dir URL [--step N | --all] [--force] [key=value ...]
+    (the same as ``python jobs/submit.py eval ...``; under torchrun or SLURM every rank samples its share)
+
+The run's stored config.yaml says what the model and data are; ``key=value`` overrides change the evaluation
+(``eval.num_samples=50000``, ``eval.guidance=[{omega:1.0},{omega:2.5,t_min:0.2,t_max:0.8}]``, ...). Each rank
+loads the step's EMA weights itself (no sharding at inference), samples global indices rank, rank+W, …, and the
+feature sums are all-reduced; rank 0 writes ``<run>/eval/step-000NNNNN/``. A step already evaluated (its
+metrics.json holds every requested setting) is skipped unless ``--force``, so a resubmitted job does no work twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_settings
+from meanflow.evaluation.outputs import is_evaluated, write_results
+from meanflow.models import build_model
+from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
+from meanflow.platform.config import ConfigError, load_config_text
+from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown
+from meanflow.platform.storage import join, read_bytes
+
+from .train import describe_metrics
+
+
+def load_run_config(run_dir: str, overrides: list[str] | None = None) -> DictConfig:
+    url = join(run_dir, "config.yaml")
+    try:
+        text = read_bytes(url).decode()
+    except FileNotFoundError:
+        raise ConfigError(f"--run-dir {run_dir}: no config.yaml there (not a run directory)") from None
+    return load_config_text(text, url, overrides)
+
+
+def open_store(cfg: DictConfig, run_dir: str, rank: int = 0) -> CheckpointStore:
+    return CheckpointStore(cfg.checkpoint.url or join(run_dir, "checkpoints"), rank=rank)
+
+
+def resolve_step(store: CheckpointStore, step: int | None) -> int:
+    """``step``, or the newest committed one; an error names the store when it holds no such commit."""
+    steps = store.steps()
+    if not steps:
+        raise ConfigError(f"--run-dir: {store.url} holds no committed checkpoint")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ConfigError(f"--step {step}: not a committed step in {store.url} (committed: {steps})")
+    return step
+
+
+def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, device) -> tuple[torch.nn.Module, str]:
+    """The model the config describes with a committed step's EMA weights (or the model's, without EMA)."""
+    model = build_model(cfg.model)
+    try:
+        state, which = store.load_weights(step, model.state_dict())
+    except CheckpointError as err:
+        raise ConfigError(f"--step {step}: {err}") from err
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False), which
+
+
+def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: bool = False,
+                   overrides: list[str] | None = None, force: bool = False, stdout=sys.stdout) -> list[dict]:
+    """Evaluate ``steps`` (default: the newest committed; ``every_step``: all committed). Collective when
+    launched on several ranks. Returns the metrics rows of the steps evaluated here."""
+    env = resolve_env()
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    cfg = load_run_config(run_dir, overrides)
+    init_distributed(env, device, cfg.engine.process_group_timeout_s)
+    try:
+        store = open_store(cfg, run_dir, env.rank)
+        # Rank 0's view of the store and of what is evaluated, on every rank: they must loop over the same steps.
+        todo = all_gather_objects(_plan(store, run_dir, steps, every_step, force, requested_settings(cfg)))[0]
+        if not todo:
+            _log(env, stdout, f"{run_dir}: nothing to evaluate (every requested step has metrics; --force redoes)")
+            return []
+        try:
+            evaluator = Evaluator(cfg, describe_data(cfg.data, cfg.run.seed), device, env.rank, env.world_size)
+        except (ValueError, OSError) as err:
+            raise ConfigError(str(err)) from err
+        rows = []
+        for step in todo:
+            model, which = load_sampling_model(cfg, store, step, device)
+            _log(env, stdout, f"evaluating step {step} ({which} weights, {cfg.eval.num_samples} samples, "
+                              f"{env.world_size} rank(s))")
+            results = evaluator.run(model, step, show_progress=env.is_main)
+            if env.is_main:
+                url = write_results(run_dir, step, results, extra={"weights": which})
+                for result in results:
+                    _log(env, stdout, f"step {step}: " + describe_metrics(result.metrics))
+                _log(env, stdout, f"wrote {url}")
+            rows += [r.metrics for r in results]
+        return rows
+    finally:
+        shutdown()
+
+
+def requested_settings(cfg: DictConfig) -> list[dict]:
+    ev = cfg.eval
+    return [{"guidance": g, "nfe": ev.nfe, "num_samples": ev.num_samples, "seed": ev.seed}
+            for g in guidance_settings(cfg.model, ev)]
+
+
+def _plan(store: CheckpointStore, run_dir: str, steps: list[int] | None, every_step: bool, force: bool,
+          settings: list[dict]) -> list[int]:
+    if every_step:
+        wanted = store.steps()
+    else:
+        wanted = [resolve_step(store, s) for s in (steps or [None])]
+    return [s for s in wanted if force or not is_evaluated(run_dir, s, settings)]
+
+
+def _log(env, stdout, message: str) -> None:
+    if env.is_main:
+        print(message, file=stdout, flush=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="the run directory (any fsspec URL)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, action="append", help="a committed step (repeatable; default: newest)")
+    which.add_argument("--all", action="store_true", help="every committed step")
+    p.add_argument("--force", action="store_true", help="evaluate steps that already have metrics again")
+    p.add_argument("--guidance", action="append", metavar="OMEGA[,T_MIN,T_MAX]",
+                   help="iMF guidance setting to sweep (repeatable); replaces eval.guidance")
+    p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.num_samples=50000")
+
+
+def guidance_override(settings: list[str] | None) -> list[str]:
+    """``--guidance 2.0,0.2,0.8`` (repeatable) as an ``eval.guidance=[...]`` override."""
+    if not settings:
+        return []
+    items = []
+    for text in settings:
+        parts = text.split(",")
+        try:
+            omega, t_min, t_max = (float(parts[0]), *(map(float, parts[1:]) if len(parts) == 3 else (0.0, 1.0)))
+        except ValueError:
+            raise ConfigError(f"--guidance {text!r}: expected OMEGA or OMEGA,T_MIN,T_MAX (numbers)") from None
+        if len(parts) not in (1, 3):
+            raise ConfigError(f"--guidance {text!r}: expected OMEGA or OMEGA,T_MIN,T_MAX")
+        items.append(f"{{omega: {omega}, t_min: {t_min}, t_max: {t_max}}}")
+    return [f"eval.guidance=[{','.join(items)}]"]
+
+
+def run(args) -> int:
+    evaluate_steps(args.run_dir, args.step, args.all, [*args.overrides, *guidance_override(args.guidance)],
+                   args.force)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .submit import run_command
+
+    p = argparse.ArgumentParser(prog="python -m meanflow.jobs.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run_command(run, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
