@@ -46,3 +46,24 @@ def s3_bucket(s3_server):
     fs.mkdir(name)
     fs.invalidate_cache()
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's inception-v3-compat with random weights, saved to a file. Building it normally downloads the
+    real weights (no network here), so its loading is stubbed for this one construction only."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    from meanflow.evaluation.feature_extractors import INCEPTION
+
+    real_from_url, real_load = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.load_state_dict_from_url = lambda *a, **k: None
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3(INCEPTION, ["2048", "logits_unbiased"])
+    finally:
+        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = real_from_url, real_load
+    path = tmp_path_factory.mktemp("weights") / "inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path, net

@@ -192,3 +192,21 @@ def feature_stats_over(world: int, out: Path) -> dict:
     mp.start_processes(_feature_stats_main, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn",
                        join=True)
     return json.loads(Path(out).read_text())
+
+
+def _evaluate_main(rank: int, world: int, port: int, run_dir: str, overrides: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from meanflow.jobs.evaluate import evaluate_steps
+
+    rows = evaluate_steps(run_dir, overrides=[*overrides, PG_TIMEOUT], force=True, stdout=open(os.devnull, "w"))
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def evaluate_over(world: int, run_dir: str, overrides: list[str], out: Path) -> list[dict]:
+    """The evaluation job on ``world`` processes; rank 0's metrics rows."""
+    mp.start_processes(_evaluate_main, args=(world, free_port(), run_dir, list(overrides), str(out)), nprocs=world,
+                       start_method="spawn", join=True)
+    return json.loads(Path(out).read_text())

@@ -8,6 +8,8 @@ import torch
 
 from distributed_run import losses, model_state, run_world, sharded_jvp_check, skip_check
 from meanflow.jobs.train import Trainer
+from meanflow.models import build_model
+from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import load_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -66,6 +68,12 @@ def test_two_rank_resume_is_bitwise_exact(engine, async_save, tmp_path):
     for component in ("model", "ema"):
         for key, value in model_state(split, 6, component).items():
             assert torch.equal(value, model_state(straight, 6, component)[key]), (component, key)
+    # what evaluation and export read: the EMA, from any engine's files, by one process
+    template = build_model(load_config("tiny_mf").model).state_dict()
+    weights, which = CheckpointStore(str(split / "checkpoints")).load_weights(6, template)
+    assert which == "ema" and weights.keys() == template.keys()
+    for key, value in model_state(split, 6, "ema").items():
+        assert torch.equal(weights[key], value), key
 
 
 def test_fsdp2_resumes_on_another_world_size(single_runs, tmp_path):

@@ -4,6 +4,7 @@ both normalisations, per-visit posterior sampling."""
 from __future__ import annotations
 
 import io
+import json
 
 import fsspec
 import numpy as np
@@ -119,3 +120,44 @@ def test_writer_names_a_missing_vae(tmp_path, capsys):
     code = write.main(["--source", "digits", "--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path / "out")])
     assert code == 2 and "no-vae" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_latent_model_is_evaluated_through_the_vae_against_reference_stats(latent_set, random_inception, tmp_path):
+    """Reference statistics from a WebDataset of the real images (the command), a latent MF-DiT trained a few
+    steps on the latent shards, then the evaluation job: samples decoded by the VAE, FID/IS from inception (random
+    weights, loaded offline by path)."""
+    from meanflow.evaluation import reference_stats
+    from meanflow.jobs.submit import main as submit
+    from meanflow.jobs.train import Trainer
+    from meanflow.platform.config import load_config
+
+    weights = str(random_inception[0])
+    assert write.main(["--source", "npz:s3://latents/images.npz", "--out", "s3://latents/images",
+                       "--samples-per-shard", "8", "--quiet"]) == 0
+    assert reference_stats.main(["--data", "s3://latents/images", "--out", "s3://latents/ref.npz",
+                                 "--feature-weights", weights, "--batch-size", "10"]) == 0
+    ref = reference_stats.load_reference("s3://latents/ref.npz")
+    assert ref.num_images == N_IMAGES and ref.mu.shape == (2048,) and ref.feature_extractor == "inception-v3-compat"
+
+    run_dir = str(tmp_path / "run")
+    Trainer(load_config("tiny_mf", [f"run.run_dir={run_dir}", "run.steps=2", "run.log_every=1",
+                                    "model.in_channels=4", "model.num_classes=3", "data.name=webdataset",
+                                    f"data.url={latent_set['url']}", "data.global_batch=8", "data.num_workers=0",
+                                    "eval.at_end=false"]), stdout=io.StringIO()).run()
+    eval_args = ["eval", "--run-dir", run_dir, "eval.num_samples=6", f"eval.feature_weights={weights}",
+                 "eval.reference_stats=s3://latents/ref.npz"]
+    assert submit([*eval_args]) == 2                                       # no eval.vae: named
+    assert submit([*eval_args, "eval.vae=s3://latents/tiny-vae"]) == 0
+    result = json.loads((tmp_path / "run" / "eval" / "step-00000002" / "metrics.json").read_text())["results"][0]
+    assert np.isfinite(result["fid"]) and result["feature_extractor"]["name"] == "inception-v3-compat"
+    assert result["reference_stats"] == "s3://latents/ref.npz"
+    assert (tmp_path / "run" / "eval" / "step-00000002" / "samples.png").exists()
+
+
+def test_reference_stats_of_another_extractor_are_refused(latent_set, tmp_path):
+    from meanflow.evaluation.feature_extractors import load_feature_extractor
+    from meanflow.evaluation.reference_stats import load_reference
+
+    ref = load_reference("s3://latents/ref.npz")
+    with pytest.raises(ValueError, match="eval.reference_stats: s3://latents/ref.npz was computed with inception"):
+        ref.check_matches(load_feature_extractor("digits-cnn"))

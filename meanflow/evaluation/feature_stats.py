@@ -56,7 +56,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in shape: {mu1.shape} vs {mu2.shape}")
     m = np.square(mu1 - mu2).sum()
-    s, _ = scipy.linalg.sqrtm(np.dot(sigma1, sigma2), disp=False)
+    s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
 
 

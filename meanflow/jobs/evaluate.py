@@ -66,10 +66,10 @@ def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, devi
 
 
 def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: bool = False,
-                   overrides: list[str] | None = None, force: bool = False, stdout=sys.stdout) -> list[dict]:
+                   overrides: list[str] | None = None, force: bool = False, stdout=None) -> list[dict]:
     """Evaluate ``steps`` (default: the newest committed; ``every_step``: all committed). Collective when
     launched on several ranks. Returns the metrics rows of the steps evaluated here."""
-    env = resolve_env()
+    env, stdout = resolve_env(), stdout or sys.stdout
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     cfg = load_run_config(run_dir, overrides)
     init_distributed(env, device, cfg.engine.process_group_timeout_s)
