@@ -21,12 +21,21 @@ def parse_train_args(argv):
     p = argparse.ArgumentParser(prog="jobs/submit.py", description=__doc__.splitlines()[0],
                                 epilog=f"other commands: jobs/submit.py {{{','.join(COMMANDS)}}} --help")
     p.add_argument("--cluster", choices=("local", "debug", "slurm"), default="local",
-                   help="local: this machine (CPU without a GPU); debug: in-process; slurm: a SLURM cluster")
+                   help="slurm: sbatch through submitit; local: submitit's local executor on this machine (one "
+                        "process per task; CPU without a GPU); debug: in this process (breakpoints work)")
     p.add_argument("--config", default="tiny_imf", help="configs/<name>.yaml or a path to a YAML file")
     p.add_argument("--run-dir", help="fsspec URL of the run directory (default ./runs/<run.name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config only")
+    for flag, key, kind in (("--nodes", "nodes", int), ("--gpus-per-node", "gpus_per_node", int),
+                            ("--partition", "partition", str), ("--account", "account", str),
+                            ("--qos", "qos", str), ("--time", "time", str)):
+        p.add_argument(flag, type=kind, dest=key, help=f"cluster.{key}")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. run.steps=100 optim.lr=3e-4")
     return p.parse_args(argv)
+
+
+CLUSTER_FLAGS = ("nodes", "gpus_per_node", "partition", "account", "qos", "time")
 
 
 def train(args) -> int:
@@ -35,13 +44,10 @@ def train(args) -> int:
         overrides.append(f"run.run_dir={args.run_dir}")
     if args.resume:
         overrides.append("run.resume=true")
+    overrides += [f"cluster.{key}={getattr(args, key)}" for key in CLUSTER_FLAGS if getattr(args, key) is not None]
     cfg = load_config(args.config, overrides)
-    if args.cluster == "slurm":
-        raise ConfigError("--cluster slurm: SLURM submission is not built yet (the jobs issue adds it); "
-                          "use --cluster local")
-    from meanflow.jobs.train import Trainer   # heavy imports after the config is valid
-    Trainer(cfg).run()
-    return 0
+    from meanflow.jobs.launch import launch_training   # heavy imports after the config is valid
+    return launch_training(cfg, args.cluster, dry_run=args.dry_run)
 
 
 def run_command(fn, args) -> int:

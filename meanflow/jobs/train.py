@@ -19,6 +19,7 @@ from meanflow.data_pipeline import build_stream, merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
 from meanflow.evaluation.evaluator import Evaluator, describe_data
 from meanflow.evaluation.outputs import write_results
+from meanflow.jobs.preemption import Preempted
 from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
@@ -62,8 +63,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, stdout=sys.stdout):
-        self.cfg, self.stdout = cfg, stdout
+    """``preemption``: a StopFlag (SLURM jobs) checked at every step boundary; when any rank's flag is set, every
+    rank saves and ``run`` raises Preempted. ``on_commit(step)``: called on rank 0 once a checkpoint has committed
+    (scheduled evaluations)."""
+
+    def __init__(self, cfg: DictConfig, stdout=None, preemption=None, on_commit=None):
+        self.cfg, self.stdout = cfg, stdout or sys.stdout
+        self.preemption, self.on_commit = preemption, on_commit
+        self.pending_commits: list[int] = []
         self.device = resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
         self.env = resolve_env()
@@ -169,7 +176,12 @@ class Trainer:
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": data_state}
         started = time.perf_counter()
+        self.store.wait()                       # the previous (async) upload has committed: announce it
+        self._announce_commits()
         url = self.store.save(self.step, self.engine, train_state, meta, healthy=not self.unhealthy_since_save)
+        self.pending_commits.append(self.step)
+        if not self.store.async_save:
+            self._announce_commits()
         self.unhealthy_since_save = False
         # The time training stood still: the whole save when synchronous; staging (+ waiting for the previous
         # upload) when asynchronous.
@@ -177,6 +189,17 @@ class Trainer:
                             "stall_s": round(time.perf_counter() - started, 4)})
         self.saved_step = self.step
         return url
+
+    def _announce_commits(self) -> None:
+        if self.on_commit is not None and self.env.is_main:
+            for step in self.pending_commits:
+                self.on_commit(step)
+        self.pending_commits.clear()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received the stop signal (one scalar all-reduce per step, only in SLURM jobs)."""
+        flag = torch.tensor([1.0 if self.preemption.signalled else 0.0], device=self.device)
+        return all_reduce_mean(flag).item() > 0
 
     # -------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict | None:
@@ -299,9 +322,17 @@ class Trainer:
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.run.steps
                         and self.step != self.saved_step):
                     self.save()
+                if self.preemption is not None and self._stop_requested():
+                    if self.saved_step != self.step:
+                        self.save()
+                    self.store.wait()
+                    self._announce_commits()
+                    self.log(f"stop signal: checkpoint of step {self.step} committed; leaving for requeue")
+                    raise Preempted(self.step)
             if self.saved_step != self.step:
                 self.save()
             self.store.wait()   # the last upload commits before evaluation and exit
+            self._announce_commits()
         except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:

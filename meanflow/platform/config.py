@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -353,7 +353,19 @@ class EvalConfig:
     grid: int = 64
     """Samples drawn in the PNG grid (the first ones by global index)."""
     at_end: bool = True
-    """Evaluate the final weights when training ends (written to <run>/eval/step-<last>/)."""
+    """Evaluate the final weights when training ends (written to <run>/eval/step-<last>/). On SLURM the final
+    evaluation is a separate job that depends (afterok) on the training job."""
+    every: int = 0
+    """Evaluate every this many steps, from committed checkpoints, as separate jobs (0: off)."""
+    mode: str = "job"
+    """How scheduled evaluations run: job (one job per committed step, submitted by training rank 0) or watcher
+    (one long-lived job that polls the checkpoint store)."""
+    tasks: int = 1
+    """Ranks of an evaluation job (GPUs on a GPU cluster)."""
+    time: str = "01:00:00"
+    """Wall-time limit of an evaluation job."""
+    watch_idle_s: int = 3600
+    """Watcher mode: stop after this long without a new committed step (or when the final step is evaluated)."""
 
 
 @dataclass
@@ -364,14 +376,30 @@ class ClusterConfig:
     """SLURM account."""
     qos: Optional[str] = None
     """SLURM QoS."""
+    constraint: Optional[str] = None
+    """SLURM node constraint (e.g. h100)."""
     time: str = "01:00:00"
-    """Wall-time limit per job."""
+    """Wall-time limit per job ([D-]HH:MM:SS or minutes); a longer run is requeued from its checkpoints."""
     nodes: int = 1
-    """Nodes per job."""
+    """Nodes per training job."""
     gpus_per_node: int = 0
-    """GPUs per node (0: CPU)."""
+    """GPUs per node; one task (rank) per GPU. 0: CPU jobs with tasks_per_node processes."""
+    tasks_per_node: int = 1
+    """Processes per node of a CPU job (gpus_per_node = 0)."""
+    cpus_per_task: int = 0
+    """CPU cores per task (0: SLURM's default); data workers run in these."""
+    mem_gb: int = 0
+    """Memory per node in GB (0: SLURM's default)."""
     setup: List[str] = field(default_factory=list)
-    """Shell lines run before the job (module load ...)."""
+    """Shell lines the sbatch script runs before the job (module load ..., source venv/bin/activate)."""
+    sbatch: Dict[str, str] = field(default_factory=dict)
+    """Extra sbatch parameters, e.g. {exclusive: "", reservation: big-run}."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM sends USR2: enough for one step and a checkpoint save."""
+    max_requeues: int = 10
+    """Times a job that hit its time limit is requeued (preemptions are not counted)."""
+    log_dir: str = "./slurm_logs"
+    """Shared-filesystem folder for submitit's job files and logs (each submission gets its own subfolder)."""
 
 
 @dataclass
@@ -455,6 +483,7 @@ CHOICES = {
     "engine.fsdp_strategy": ("full_shard", "shard_grad_op"),
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16"),
+    "eval.mode": ("job", "watcher"),
     "eval.feature_extractor": ("auto", "inception-v3-compat", "digits-cnn"),
 }
 

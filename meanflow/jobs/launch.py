@@ -1,0 +1,97 @@
+"""Submitting a training run: the training job, its final evaluation (``afterok`` on SLURM), an evaluation watcher
+if asked for; ``--dry-run`` prints the sbatch script and the resolved config instead. On ``local`` and ``debug``
+the command waits for the job and shows rank 0's output as it comes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from meanflow.platform.config import save_config
+
+from .cluster import make_executor, record_job, sbatch_script, submission_folder, tasks_per_node
+from .submitted import EvalJob, TrainJob, submit_eval
+
+
+def launch_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=None) -> int:
+    stdout = stdout or sys.stdout
+    cluster, run_dir = cfg.cluster, cfg.run.run_dir
+    tasks = tasks_per_node(cluster)
+    final_eval_job = kind == "slurm" and cfg.eval.at_end
+    if final_eval_job:   # on SLURM the final evaluation is its own job, run after training succeeds
+        cfg.eval.at_end = False
+    folder = submission_folder(cluster, cfg.run.name, "train")
+    executor = make_executor(cluster, kind, folder, f"train-{cfg.run.name}", nodes=cluster.nodes, tasks=tasks,
+                             gpus=cluster.gpus_per_node, time=cluster.time, time_key="cluster.time")
+    if dry_run:
+        script = sbatch_script(executor) if kind == "slurm" else (
+            f"# --cluster {kind}: no sbatch script; {cluster.nodes * tasks} process(es) on this machine")
+        print(f"{script}\n# ---- resolved config ----\n{save_config(cfg)}", file=stdout, end="")
+        return 0
+    from meanflow.jobs.train import git_sha
+
+    job = executor.submit(TrainJob(save_config(cfg), kind))
+    record_job(run_dir, {"event": "submitted", "job_id": job.job_id, "kind": "train", "cluster": kind,
+                         "nodes": cluster.nodes, "tasks_per_node": tasks, "folder": str(folder),
+                         "git_sha": git_sha()})
+    if kind != "slurm":
+        return follow(job, stdout)
+    print(f"submitted training job {job.job_id}: {cluster.nodes} node(s) × {tasks} task(s), logs in {folder}",
+          file=stdout)
+    if final_eval_job:
+        final = submit_eval(cfg, kind, EvalJob(run_dir, [cfg.run.steps]), "final",
+                            dependency=f"afterok:{job.job_id}")
+        print(f"submitted final evaluation job {final.job_id} (after training succeeds)", file=stdout)
+    if cfg.eval.every and cfg.eval.mode == "watcher":
+        cfg.eval.tasks = 1   # one poller: ranks polling on their own could disagree on the steps to evaluate
+        watcher = submit_eval(cfg, kind, EvalJob(run_dir, watch=True), "watcher", nice=100)
+        print(f"submitted evaluation watcher job {watcher.job_id}", file=stdout)
+    print(f"follow it with: python jobs/submit.py status --run-dir {run_dir}", file=stdout)
+    return 0
+
+
+def _print_new(path: Path, offset: int, stdout) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        stdout.write(data.decode(errors="replace"))
+        stdout.flush()
+    return offset + len(data)
+
+
+def follow(job, stdout) -> int:
+    """Wait for a local/debug job, echoing rank 0's stdout; the job's outcome becomes the exit code."""
+    if job.__class__.__name__ == "DebugJob":   # runs in this process when its result is asked for
+        return _finish(job, stdout)
+    offset = 0
+    while not job.done():
+        offset = _print_new(job.paths.stdout, offset, stdout)
+        time.sleep(0.5)
+    _print_new(job.paths.stdout, offset, stdout)
+    return _finish(job, stdout)
+
+
+def _finish(job, stdout) -> int:
+    try:
+        result = job.results()[0]
+    except Exception as err:   # the job crashed (a bug, or killed): its own log has the trace
+        tail = _tail(job.paths.stderr)
+        print(f"job {job.job_id} failed: {type(err).__name__}\n{tail}", file=sys.stderr)
+        return 1
+    if result["message"]:
+        print(result["message"], file=sys.stderr)
+    return result["exit_code"]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no log at {path})"

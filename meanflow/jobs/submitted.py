@@ -1,0 +1,145 @@
+"""What submitit runs: the training job, the evaluation job, and the evaluation watcher (picklable callables).
+
+Each task reads its rank, world size and master address from submitit's job environment (exported as the
+torchrun variables the platform reads), so the same code runs under ``--cluster slurm|local|debug``. A callable
+returns ``{"exit_code", "message"}`` instead of raising for the outcomes a user must read (bad input 2, training
+failed 1): the submitting command prints the message and exits with the code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+from meanflow.platform.config import ConfigError, load_config_text
+
+
+def export_distributed_env() -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's environment (all tasks, any node).
+    CUDA_VISIBLE_DEVICES is left alone: the platform binds rank r to GPU LOCAL_RANK itself."""
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1 or "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def outcome(fn) -> dict:
+    """Run ``fn`` mapping the user-facing failures to exit codes (anything else raises: a bug shows its trace)."""
+    from meanflow.jobs.train import TrainingFailed
+    from meanflow.platform.engines import EngineJVPError
+
+    try:
+        fn()
+        return {"exit_code": 0, "message": ""}
+    except (ConfigError, FileNotFoundError) as err:
+        return {"exit_code": 2, "message": f"error: {err}"}
+    except (TrainingFailed, EngineJVPError) as err:
+        return {"exit_code": 1, "message": f"failed: {err}"}
+
+
+class TrainJob:
+    def __init__(self, config_yaml: str, cluster_kind: str):
+        self.config_yaml, self.cluster_kind = config_yaml, cluster_kind
+
+    def __call__(self) -> dict:
+        from meanflow.jobs.cluster import minutes, record_job
+        from meanflow.jobs.preemption import Preempted, StopFlag, exit_for_requeue, requeue
+        from meanflow.jobs.train import Trainer
+
+        export_distributed_env()
+        cfg = load_config_text(self.config_yaml, "the submitted config")
+        flag = StopFlag().install() if self.cluster_kind == "slurm" else None
+        scheduler = EvalScheduler(cfg, self.cluster_kind) if cfg.eval.every and cfg.eval.mode == "job" else None
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 and "SLURM_JOB_ID" in os.environ:
+            record_job(cfg.run.run_dir, {"event": "start", "job_id": os.environ["SLURM_JOB_ID"], "kind": "train",
+                                         "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+        try:
+            return outcome(lambda: Trainer(cfg, preemption=flag, on_commit=scheduler).run())
+        except Preempted as stop:
+            if rank == 0:
+                requeued = requeue(cfg.run.run_dir, flag, minutes(cfg.cluster.time, "cluster.time"),
+                                   cfg.cluster.signal_delay_s, cfg.cluster.max_requeues, stop.step)
+                if not requeued:
+                    return {"exit_code": 1, "message": f"failed: time limit reached {cfg.cluster.max_requeues} "
+                                                       f"times (cluster.max_requeues); resubmit with --resume"}
+            exit_for_requeue()
+
+    def checkpoint(self, *args, **kwargs):   # noqa: D401 - submitit's hook, never used: see preemption.py
+        return None
+
+
+class EvalJob:
+    """``evaluate_steps`` on this job's tasks. ``watch``: keep polling the store for committed steps that are
+    multiples of ``eval.every`` (and the final one) until the final step is evaluated or nothing new commits for
+    ``eval.watch_idle_s``."""
+
+    def __init__(self, run_dir: str, steps: list[int] | None = None, every_step: bool = False,
+                 overrides: list[str] | None = None, watch: bool = False):
+        self.run_dir, self.steps, self.every_step = run_dir, steps, every_step
+        self.overrides, self.watch = list(overrides or []), watch
+
+    def __call__(self) -> dict:
+        from meanflow.jobs.evaluate import evaluate_steps
+
+        export_distributed_env()
+        if not self.watch:
+            return outcome(lambda: evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides))
+        return outcome(self._watch)
+
+    def _watch(self, poll_s: float = 30.0) -> None:
+        from meanflow.jobs.evaluate import evaluate_steps, load_run_config, open_store
+
+        cfg = load_run_config(self.run_dir, self.overrides)
+        store = open_store(cfg, self.run_dir)
+        last_new = time.monotonic()
+        seen: set[int] = set()
+        while time.monotonic() - last_new < cfg.eval.watch_idle_s:
+            wanted = [s for s in store.steps() if s % cfg.eval.every == 0 or s == cfg.run.steps]
+            new = [s for s in wanted if s not in seen]
+            if new:
+                evaluate_steps(self.run_dir, new, overrides=self.overrides)
+                seen.update(new)
+                last_new = time.monotonic()
+                if cfg.run.steps in seen:
+                    return
+            time.sleep(poll_s)
+
+
+class EvalScheduler:
+    """Training rank 0's ``on_commit``: submit an evaluation job for each committed multiple of ``eval.every``
+    (the final step has its own job, submitted with the training job)."""
+
+    def __init__(self, cfg, cluster_kind: str):
+        self.cfg, self.cluster_kind = cfg, cluster_kind
+
+    def __call__(self, step: int) -> None:
+        if step % self.cfg.eval.every or step >= self.cfg.run.steps:
+            return
+        try:
+            submit_eval(self.cfg, self.cluster_kind, EvalJob(self.cfg.run.run_dir, [step]), f"step {step}")
+        except Exception:   # a failed submission must not kill training; the step can be evaluated by hand
+            print(f"could not submit the evaluation of step {step}:\n{traceback.format_exc()}", file=sys.stderr)
+
+
+def submit_eval(cfg, cluster_kind: str, job: EvalJob, what: str, dependency: str | None = None,
+                nice: int | None = None):
+    """Submit an evaluation job for a run (from a login node, or from inside a training job: submitit's
+    clean_env drops the training job's SLURM variables so they do not leak into the new job)."""
+    import submitit
+
+    from meanflow.jobs.cluster import make_executor, record_job, submission_folder
+
+    cluster = cfg.cluster
+    gpus = min(cfg.eval.tasks, cluster.gpus_per_node) if cluster.gpus_per_node else 0
+    executor = make_executor(cluster, cluster_kind, submission_folder(cluster, cfg.run.name, "eval"),
+                             f"eval-{cfg.run.name}", nodes=1, tasks=cfg.eval.tasks, gpus=gpus, time=cfg.eval.time,
+                             time_key="eval.time", dependency=dependency, nice=nice)
+    with submitit.helpers.clean_env():
+        submitted = executor.submit(job)
+    record_job(cfg.run.run_dir, {"event": "submitted", "job_id": submitted.job_id, "kind": "eval", "what": what,
+                                 "cluster": cluster_kind, "folder": str(submitted.paths.folder),
+                                 **({"dependency": dependency} if dependency else {})})
+    return submitted
