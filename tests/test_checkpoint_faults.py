@@ -31,7 +31,9 @@ def toy_overrides(run_dir, steps=20) -> list[str]:
 
 
 def cli(run_dir, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--config", "toy2d_mf",
+    # --cluster debug: the job runs in this process, so the injected SIGKILL kills the writer the test watches
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--cluster", "debug",
+                           "--config", "toy2d_mf",
                            *toy_overrides(run_dir)], capture_output=True, text=True, timeout=200,
                           env={**os.environ, **(env or {})})
 

@@ -3,6 +3,7 @@
 Training is the default command; the others act on a run directory:
     eval    score committed steps (FID/IS or SW)      sample  samples of a step as PNG + .npz
     export  EMA weights + model config (safetensors)  plot    loss, jvp_norm and FID vs step as a PNG
+    status  jobs and their states, committed steps, last metrics, guard events, evaluations
 
 Exit codes: 0 done; 1 training failed; 2 bad input (config key, file, URL, or flag), with a message naming it.
 """
@@ -14,7 +15,7 @@ import sys
 
 from meanflow.platform.config import ConfigError, load_config
 
-COMMANDS = ("eval", "sample", "export", "plot")
+COMMANDS = ("eval", "sample", "export", "plot", "status")
 
 
 def parse_train_args(argv):
@@ -44,7 +45,9 @@ def train(args) -> int:
         overrides.append(f"run.run_dir={args.run_dir}")
     if args.resume:
         overrides.append("run.resume=true")
-    overrides += [f"cluster.{key}={getattr(args, key)}" for key in CLUSTER_FLAGS if getattr(args, key) is not None]
+    # quoted: YAML would read 12:00:00 as the sexagesimal number 43200
+    overrides += [f"cluster.{key}='{getattr(args, key)}'" if isinstance(getattr(args, key), str)
+                  else f"cluster.{key}={getattr(args, key)}" for key in CLUSTER_FLAGS if getattr(args, key) is not None]
     cfg = load_config(args.config, overrides)
     from meanflow.jobs.launch import launch_training   # heavy imports after the config is valid
     return launch_training(cfg, args.cluster, dry_run=args.dry_run)

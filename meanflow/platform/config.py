@@ -379,7 +379,8 @@ class ClusterConfig:
     constraint: Optional[str] = None
     """SLURM node constraint (e.g. h100)."""
     time: str = "01:00:00"
-    """Wall-time limit per job ([D-]HH:MM:SS or minutes); a longer run is requeued from its checkpoints."""
+    """Wall-time limit per job ([D-]HH:MM:SS or minutes); a longer run is requeued from its checkpoints. Quote it in
+    YAML and overrides (cluster.time='12:00:00'): unquoted, YAML reads 12:00:00 as the number 43200."""
     nodes: int = 1
     """Nodes per training job."""
     gpus_per_node: int = 0

@@ -1,0 +1,151 @@
+"""Jobs on a real single-node SLURM cluster (tests/services/slurm.sh, started by .ci/run): submission through
+jobs/submit.py, preemption and time-limit requeues with exact resume, evaluation jobs. Skipped, with the reason,
+when no slurmctld answers (a laptop). The multi-node dry run needs no cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import fsspec
+import pytest
+
+from meanflow.jobs.submit import main as submit
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def slurm_up() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    return "is UP" in out.stdout
+
+
+needs_slurm = pytest.mark.skipif(not slurm_up(), reason="no slurmctld answers `scontrol ping` (start one with "
+                                                        "sudo bash tests/services/slurm.sh up)")
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+def test_dry_run_of_the_multi_node_example_prints_the_sbatch_script_and_config(tmp_path, capsys):
+    code = submit(["--cluster", "slurm", "--config", "xl_imf", "--dry-run", "--partition", "gpu", "--account", "ml",
+                   "--time", "12:00:00", f"cluster.log_dir={tmp_path}/logs", f"run.run_dir={tmp_path}/run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    script, _, config = out.partition("# ---- resolved config ----")
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=ml", "#SBATCH --time=720",
+                 "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=12", "source .venv/bin/activate",
+                 "srun --unbuffered"):
+        assert line in script, line
+    assert "USR1" not in script
+    assert "size: XL" in config and "gpus_per_node: 8" in config and "time: '12:00:00'" in config
+    assert not (tmp_path / "run").exists() and not (tmp_path / "logs").exists()   # nothing submitted
+
+
+def test_a_bad_time_is_named(tmp_path, capsys):
+    assert submit(["--cluster", "slurm", "--config", "tiny_mf", "--dry-run", "--time", "soon"]) == 2
+    assert "cluster.time" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ real SLURM
+def squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                         timeout=30)
+    return out.stdout.strip()
+
+
+def wait_done(job_id: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = squeue_state(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], timeout=30)
+    raise AssertionError(f"job {job_id} still {squeue_state(job_id)!r} after {timeout_s}s")
+
+
+def read_lines(url: str) -> list[dict]:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    try:
+        with fs.open(url, "r") as f:
+            return [json.loads(line) for line in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def train_losses(run_dir: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_lines(f"{run_dir}/metrics.jsonl") if "event" not in r]
+
+
+def submit_tiny(run_dir: str, log_dir, *extra) -> dict[str, str]:
+    """2-task CPU training of tiny_mf on the cluster; returns the ledger's job ids by kind/what."""
+    code = submit(["--cluster", "slurm", "--config", "tiny_mf", "--run-dir", run_dir, "run.steps=40",
+                   "run.log_every=1", "data.global_batch=16", "engine.kind=ddp", "engine.process_group_timeout_s=60",
+                   "cluster.tasks_per_node=2", "checkpoint.every=20", "eval.num_samples=64", f"cluster.log_dir={log_dir}",
+                   *extra])
+    assert code == 0
+    return {r.get("what") or r["kind"]: r["job_id"] for r in read_lines(f"{run_dir}/jobs.jsonl")
+            if r["event"] == "submitted"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(s3_server, tmp_path_factory):
+    """The uninterrupted reference, with a scheduled evaluation at step 20 and the final one after training."""
+    fsspec.filesystem("s3").mkdir("slurm-runs")
+    run_dir = "s3://slurm-runs/straight"
+    jobs = submit_tiny(run_dir, tmp_path_factory.mktemp("logs"), "eval.every=20")
+    assert wait_done(jobs["train"]) == "COMPLETED"
+    assert wait_done(jobs["final"]) == "COMPLETED"
+    return run_dir, jobs
+
+
+@needs_slurm
+def test_a_two_task_job_trains_commits_and_is_evaluated(straight_run):
+    run_dir, jobs = straight_run
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert [s for s, _ in train_losses(run_dir)] == list(range(1, 41))
+    assert fs.exists(f"{run_dir}/checkpoints/step-00000040/COMMIT.json")
+    final = json.loads(fs.cat(f"{run_dir}/eval/step-00000040/metrics.json"))["results"][0]
+    assert final["world_size"] == 1 and final["num_samples"] == 64 and final["fid"] > 0
+    scheduled = [r for r in read_lines(f"{run_dir}/jobs.jsonl") if r.get("what") == "step 20"]
+    assert scheduled, "training rank 0 submits an evaluation job for the committed step 20"
+    assert wait_done(scheduled[0]["job_id"]) == "COMPLETED"
+    fs.invalidate_cache()
+    assert fs.exists(f"{run_dir}/eval/step-00000020/metrics.json")
+
+
+@needs_slurm
+def test_a_preempted_job_requeues_and_resumes_exactly(straight_run, tmp_path):
+    run_dir = "s3://slurm-runs/preempted"
+    jobs = submit_tiny(run_dir, tmp_path, "eval.at_end=false")
+    deadline = time.monotonic() + 180
+    while len(train_losses(run_dir)) < 5:          # mid-run: past the start, before the end
+        assert time.monotonic() < deadline and squeue_state(jobs["train"]) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", jobs["train"]], check=True, timeout=30)
+    assert wait_done(jobs["train"]) == "COMPLETED"
+    ledger = read_lines(f"{run_dir}/jobs.jsonl")
+    requeues = [r for r in ledger if r["event"] == "requeue"]
+    assert len(requeues) == 1 and requeues[0]["reason"] == "preempted" and 5 <= requeues[0]["step"] < 40
+    assert [r["restart"] for r in ledger if r["event"] == "start"] == [0, 1]
+    assert train_losses(run_dir) == train_losses(straight_run[0])   # no step lost, none repeated, same numbers
+
+
+@needs_slurm
+def test_a_time_limit_shorter_than_the_run_requeues_until_done(tmp_path):
+    """A 1-minute limit with USR2 30 s before it: each job instance trains until the signal, saves, requeues."""
+    fsspec.filesystem("s3").mkdir("slurm-timeout")
+    run_dir = "s3://slurm-timeout/run"
+    jobs = submit_tiny(run_dir, tmp_path, "--time", "1", "cluster.signal_delay_s=30", "cluster.max_requeues=8",
+                       "run.steps=400", "checkpoint.every=0", "run.log_every=10", "eval.at_end=false")
+    assert wait_done(jobs["train"], timeout_s=400) == "COMPLETED"
+    ledger = read_lines(f"{run_dir}/jobs.jsonl")
+    requeues = [r for r in ledger if r["event"] == "requeue"]
+    assert requeues and all(r["reason"] == "timeout" for r in requeues) and len(requeues) <= 8
+    assert [s for s, _ in train_losses(run_dir)] == list(range(10, 401, 10))
