@@ -33,7 +33,7 @@ def parse_train_args(argv):
                             ("--qos", "qos", str), ("--time", "time", str)):
         p.add_argument(flag, type=kind, dest=key, help=f"cluster.{key}")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. run.steps=100 optim.lr=3e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 CLUSTER_FLAGS = ("nodes", "gpus_per_node", "partition", "account", "qos", "time")
@@ -76,5 +76,5 @@ def main(argv=None) -> int:
         module = importlib.import_module(f"meanflow.jobs.{'evaluate' if argv[0] == 'eval' else argv[0]}")
         p = argparse.ArgumentParser(prog=f"jobs/submit.py {argv[0]}", description=module.__doc__.splitlines()[0])
         module.add_arguments(p)
-        return run_command(module.run, p.parse_args(argv[1:]))
+        return run_command(module.run, p.parse_intermixed_args(argv[1:]))
     return run_command(train, parse_train_args(argv))

@@ -19,6 +19,9 @@ down() {
   scontrol shutdown >/dev/null 2>&1          # slurmctld and slurmd
   for f in slurmctld slurmd; do [ -f "$BASE/$f.pid" ] && kill "$(cat "$BASE/$f.pid")" 2>/dev/null; done
   [ -f /run/munge/munged.pid ] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null
+  for _ in $(seq 1 150); do   # gone, so that an `up` right after starts fresh daemons
+    [ -z "$(ps -eo comm= | grep -E '^(slurmctld|slurmd|munged)$')" ] && break; sleep 0.1; done
+  pkill -KILL -x slurmctld; pkill -KILL -x slurmd; pkill -KILL -x munged   # whatever ignored the polite stop
   rm -f "$BASE"/*.pid
   echo "slurm services stopped"
 }
@@ -86,15 +89,23 @@ CONF
 
 # setsid + redirected output: a backgrounded daemon must not hold the CI step's stdout open
 pgrep -x slurmctld >/dev/null || setsid /usr/sbin/slurmctld -i </dev/null >"$BASE/log/slurmctld.out" 2>&1
-for _ in $(seq 1 100); do [[ "$(scontrol ping 2>/dev/null)" == *"is UP"* ]] && break; sleep 0.1; done
+for _ in $(seq 1 100); do [[ "$(timeout 5 scontrol ping 2>/dev/null)" == *"is UP"* ]] && break; sleep 0.1; done
+[[ "$(timeout 5 scontrol ping 2>/dev/null)" == *"is UP"* ]] || { echo "slurmctld did not start" >&2; tail -n 20 "$BASE"/log/slurmctld.*; exit 1; }
 pgrep -x slurmd >/dev/null || setsid /usr/sbin/slurmd </dev/null >"$BASE/log/slurmd.out" 2>&1
-for _ in $(seq 1 300); do [ "$(sinfo -h -n "$HOST" -o '%t' 2>/dev/null)" = idle ] && break; sleep 0.1; done
-[ "$(sinfo -h -n "$HOST" -o '%t')" = idle ] || { echo "SLURM node not idle" >&2; sinfo -R; tail -20 "$BASE"/log/slurm*.log; exit 1; }
+for _ in $(seq 1 300); do [ "$(timeout 5 sinfo -h -n "$HOST" -o '%t' 2>/dev/null)" = idle ] && break; sleep 0.1; done
+[ "$(timeout 5 sinfo -h -n "$HOST" -o '%t')" = idle ] || { echo "SLURM node not idle" >&2; sinfo -R; tail -n 20 "$BASE"/log/slurm*.log; exit 1; }
 
 if ! { [ -f "$BASE/kick.pid" ] && kill -0 "$(cat "$BASE/kick.pid")" 2>/dev/null; }; then
-  setsid bash -c 'while true; do
-      squeue -h -t PD -o "%i %r" 2>/dev/null | awk "/BeginTime/{print \$1}" | while read -r j; do
-        scontrol update JobId="$j" StartTime=now && echo "$(date +%T) kicked $j"; done
+  # A job is kicked after 5 s held: kicked at once, it can be scheduled while its previous instance is still being
+  # torn down on the node, and SLURM then kills it for good ("Job credential revoked").
+  setsid bash -c 'declare -A held; while true; do
+      now=$(date +%s); declare -A seen=()
+      for j in $(squeue -h -t PD -o "%i %r" 2>/dev/null | awk "/BeginTime/{print \$1}"); do
+        seen[$j]=1; held[$j]=${held[$j]:-$now}
+        if (( now - held[$j] >= 5 )); then
+          scontrol update JobId="$j" StartTime=now && echo "$(date +%T) kicked $j"; unset "held[$j]"; fi
+      done
+      for j in "${!held[@]}"; do [ -n "${seen[$j]:-}" ] || unset "held[$j]"; done
       sleep 1; done' </dev/null >"$BASE/log/kick.log" 2>&1 &
   echo $! > "$BASE/kick.pid"
 fi
