@@ -525,7 +525,10 @@ def test_effective_omega_is_omega_inside_the_window_and_one_outside():
 def test_imf_no_grad_velocities_are_taken_at_h_0_with_undropped_label_and_null_label_at_omega_1():
     B = 8
     model = Spy(tiny_dit("imf_dit"))
-    cfg = objective_cfg("imf", label_drop=0.5, **{"imf.tangent": "boundary", "time.share_r_eq_t": 0.25})
+    # every row in one JVP forward, so the trained forward is one call to inspect (test_jvp_rows.py checks that the
+    # split into rows with and without r ≠ t changes nothing)
+    cfg = objective_cfg("imf", label_drop=0.5, **{"imf.tangent": "boundary", "time.share_r_eq_t": 0.25,
+                                                   "jvp_all_rows": True})
     batch = image_batch(B, seed=4)
     out = ImprovedMeanFlow(cfg, NUM_CLASSES).compute(model, batch, 2, ObjectiveContext.single_process(B, 4))
     dropped = out.model_kwargs["y"] == NUM_CLASSES

@@ -20,8 +20,9 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     if not job_ids:
         return states
-    for cmd in (["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                ["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(job_ids)]):   # squeue last: it is the live view
+    ids = ",".join(job_ids)
+    for cmd in (["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids],
+                ["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ids]):   # squeue last: it is the live view
         if shutil.which(cmd[0]) is None:
             continue
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)

@@ -24,7 +24,7 @@ from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
 from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
-from meanflow.platform.config import ConfigError, save_config
+from meanflow.platform.config import Config, ConfigError, save_config
 from meanflow.platform.distributed import (all_gather_objects, all_reduce_mean, barrier, init_distributed,
                                            resolve_env, shutdown)
 from meanflow.platform.engines import EngineJVPError, build_engine, jvp_smoke_test
@@ -130,8 +130,10 @@ class Trainer:
             stored = OmegaConf.create(read_bytes(join(self.run_dir, "config.yaml")).decode())
         except FileNotFoundError:
             return
+        defaults = OmegaConf.structured(Config)   # fields added since the run started take their defaults
         for section in ("model", "objective", "data"):
-            if OmegaConf.to_container(stored[section]) != OmegaConf.to_container(self.cfg[section]):
+            if (OmegaConf.to_container(OmegaConf.merge(defaults[section], stored[section]))
+                    != OmegaConf.to_container(self.cfg[section])):
                 raise ConfigError(f"run.run_dir: {self.run_dir} holds checkpoints of a run with another '{section}' "
                                   "section; choose another --run-dir to start a new run")
 

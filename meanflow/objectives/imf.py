@@ -98,8 +98,9 @@ class ImprovedMeanFlow(Objective):
         else:
             tangent = v_cond if dropped is None else torch.where(expand_like(dropped, v_c), v_uncond, v_cond)
 
-        out, d_out = jvp(lambda z, t, r: model(z, t=t, r=r, y=y_model, omega=omega),
-                         primals=dict(z=z, t=t, r=r), tangents=dict(z=tangent, t=1.0, r=0.0))
+        out, d_out = jvp(lambda z, t, r, y, omega: model(z, t=t, r=r, y=y, omega=omega),
+                         primals=dict(z=z, t=t, r=r, y=y_model, omega=omega),
+                         tangents=dict(z=tangent, t=1.0, r=0.0), rows=None if c.jvp_all_rows else t != r)
         has_v_head = isinstance(out, (tuple, list))
         u, dudt = (out[0], d_out[0]) if has_v_head else (out, d_out)
         V = u + h_x * dudt.detach()

@@ -178,6 +178,9 @@ class ObjectiveConfig:
     """iMF options."""
     tangent_beta: TangentBetaConfig = field(default_factory=TangentBetaConfig)
     """Control-variate tangent options."""
+    jvp_all_rows: bool = False
+    """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
+    t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
 
 
 @dataclass
