@@ -22,6 +22,8 @@ from meanflow.platform.config import ConfigError
 from meanflow.platform.metrics import MetricsSink
 from meanflow.platform.storage import join, read_bytes
 
+from .preemption import SLURM_SIGNAL_RESOLUTION_S
+
 KINDS = ("slurm", "local", "debug")
 
 
@@ -58,6 +60,11 @@ def make_executor(cluster, kind: str, folder: Path, name: str, *, nodes: int, ta
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind,
                                      **({"slurm_max_num_timeout": 0} if kind == "slurm" else {}))
     params = {"name": name, "nodes": nodes, "tasks_per_node": tasks, "timeout_min": minutes(time, time_key)}
+    if kind == "slurm" and params["timeout_min"] * 60 <= cluster.signal_delay_s + SLURM_SIGNAL_RESOLUTION_S:
+        # else USR2 can arrive before the job has started, and kill it before any handler is installed
+        raise ConfigError(f"{time_key}={time!r} is too short for the USR2 that SLURM sends cluster.signal_delay_s="
+                          f"{cluster.signal_delay_s} s before the limit (and up to {SLURM_SIGNAL_RESOLUTION_S} s "
+                          f"earlier still): raise {time_key} or lower cluster.signal_delay_s")
     if gpus:
         params["gpus_per_node"] = gpus
     if cluster.cpus_per_task:

@@ -7,7 +7,8 @@ next step boundary the trainer all-reduces the flag, every rank saves, and then 
 (``scontrol requeue``) and every rank exits. The requeued job reruns the same submission, which resumes from the
 newest committed checkpoint with its data position: no step is lost and none repeated.
 
-A signal that arrives within ``signal_delay_s`` (+ a minute) of the time limit counts as a timeout; timeouts
+A signal that arrives within ``signal_delay_s`` (+ SLURM's minute of resolution) of the time limit, measured from
+the start of this process, counts as a timeout; timeouts
 requeue at most ``cluster.max_requeues`` times (counted in the run's jobs.jsonl). Preemptions always requeue.
 """
 
@@ -19,7 +20,10 @@ import subprocess
 import sys
 import time
 
-from .cluster import read_ledger, record_job
+import psutil
+
+# sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
+SLURM_SIGNAL_RESOLUTION_S = 60
 
 
 class Preempted(Exception):
@@ -35,7 +39,7 @@ class StopFlag:
 
     def __init__(self):
         self.signalled = False
-        self.started = time.monotonic()
+        self.started = psutil.Process().create_time()   # wall clock, so the run time includes the imports
 
     def install(self) -> "StopFlag":
         signal.signal(signal.SIGUSR2, self._handle)
@@ -48,11 +52,15 @@ class StopFlag:
 def requeue(run_dir: str, flag: StopFlag, time_limit_min: int, signal_delay_s: int, max_requeues: int,
             step: int) -> bool:
     """Rank 0, after the save: requeue this SLURM job unless it timed out too often. Returns whether it did."""
+    from .cluster import read_ledger, record_job   # (not at the top: the flag is installed before torch loads)
+
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
         return False
-    elapsed = time.monotonic() - flag.started
-    reason = "timeout" if elapsed >= time_limit_min * 60 - signal_delay_s - 60 else "preempted"
+    elapsed = time.time() - flag.started
+    # srun starts the task a few seconds into the job: allow for that too
+    earliest_timeout_signal = time_limit_min * 60 - signal_delay_s - SLURM_SIGNAL_RESOLUTION_S - 10
+    reason = "timeout" if elapsed >= earliest_timeout_signal else "preempted"
     timeouts = sum(1 for r in read_ledger(run_dir)
                    if r.get("event") == "requeue" and r.get("job_id") == job_id and r.get("reason") == "timeout")
     if reason == "timeout" and timeouts >= max_requeues:

@@ -44,13 +44,15 @@ class TrainJob:
         self.config_yaml, self.cluster_kind = config_yaml, cluster_kind
 
     def __call__(self) -> dict:
-        from meanflow.jobs.cluster import minutes, record_job
         from meanflow.jobs.preemption import Preempted, StopFlag, exit_for_requeue, requeue
+
+        # first, before torch is imported: until then a USR2 would reach submitit's handler, which fails the job
+        flag = StopFlag().install() if self.cluster_kind == "slurm" else None
+        from meanflow.jobs.cluster import minutes, record_job
         from meanflow.jobs.train import Trainer
 
         export_distributed_env()
         cfg = load_config_text(self.config_yaml, "the submitted config")
-        flag = StopFlag().install() if self.cluster_kind == "slurm" else None
         scheduler = EvalScheduler(cfg, self.cluster_kind) if cfg.eval.every and cfg.eval.mode == "job" else None
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 and "SLURM_JOB_ID" in os.environ:

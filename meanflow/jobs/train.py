@@ -22,6 +22,7 @@ from meanflow.evaluation.outputs import write_results
 from meanflow.jobs.preemption import Preempted
 from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
+from meanflow.models.attention import set_jvp_backend
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
 from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
 from meanflow.platform.config import Config, ConfigError, save_config
@@ -97,6 +98,10 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(f"engine: {err}") from err
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
+        try:
+            set_jvp_backend(cfg.objective.jvp_attention)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         self.evaluator = None
         if cfg.eval.at_end:   # built now: a missing feature extractor or VAE fails before training, not after
             try:

@@ -100,7 +100,8 @@ class ImprovedMeanFlow(Objective):
 
         out, d_out = jvp(lambda z, t, r, y, omega: model(z, t=t, r=r, y=y, omega=omega),
                          primals=dict(z=z, t=t, r=r, y=y_model, omega=omega),
-                         tangents=dict(z=tangent, t=1.0, r=0.0), rows=None if c.jvp_all_rows else t != r)
+                         tangents=dict(z=tangent, t=1.0, r=0.0), rows=None if c.jvp_all_rows else t != r,
+                         differentiable=False)
         has_v_head = isinstance(out, (tuple, list))
         u, dudt = (out[0], d_out[0]) if has_v_head else (out, d_out)
         V = u + h_x * dudt.detach()

@@ -12,13 +12,18 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from meanflow.models.attention import detached_tangents
+
 
 def jvp(fn: Callable[..., Any], primals: Mapping[str, torch.Tensor | None],
-        tangents: Mapping[str, torch.Tensor | float], rows: torch.Tensor | None = None) -> tuple[Any, Any]:
+        tangents: Mapping[str, torch.Tensor | float], rows: torch.Tensor | None = None,
+        differentiable: bool = True) -> tuple[Any, Any]:
     """Return ``(fn(**primals), d fn(**primals) along tangents)``.
 
     A primal without a tangent is held constant (tangent 0); a None primal is passed through. A float tangent is
     broadcast to its primal's shape. The tangent output stays in the autograd graph: SG_λ differentiates through it.
+    With ``differentiable=False`` (MF, iMF: the target stops the gradient) it is returned detached, and attention
+    may use a fused kernel whose tangent has no backward (models/attention.py).
 
     ``rows`` (bool, (B,)): only these rows need the tangent. The others get a plain forward and a tangent of 0 —
     what every objective multiplies it by there (t − r = 0) — so the tangent pass costs only the rows with r ≠ t
@@ -28,6 +33,10 @@ def jvp(fn: Callable[..., Any], primals: Mapping[str, torch.Tensor | None],
     unknown = set(tangents) - set(primals)
     if unknown:
         raise KeyError(f"jvp: tangents {sorted(unknown)} name no primal; primals are {sorted(primals)}")
+    if not differentiable:
+        with detached_tangents():
+            out, tangent = jvp(fn, primals, tangents, rows)
+        return out, _map(tangent, torch.Tensor.detach)
     if rows is None:
         return _jvp(fn, primals, tangents)
     # Always both calls, even with an empty part: sharded engines (FSDP2) gather parameters in every forward, so

@@ -181,6 +181,9 @@ class ObjectiveConfig:
     jvp_all_rows: bool = False
     """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
     t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
+    jvp_attention: str = "auto"
+    """Attention inside the JVP: auto (the fused jvp-flash-attention kernel on CUDA where it applies, else math),
+    math, or fused (models/attention.py)."""
 
 
 @dataclass
@@ -489,6 +492,7 @@ CHOICES = {
     "eval.dtype": ("float32", "bfloat16"),
     "eval.mode": ("job", "watcher"),
     "eval.feature_extractor": ("auto", "inception-v3-compat", "digits-cnn"),
+    "objective.jvp_attention": ("auto", "math", "fused"),
 }
 
 
