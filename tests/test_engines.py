@@ -42,11 +42,13 @@ def single_runs(tmp_path_factory):
 ENGINE_VARIANTS = {"ddp": ["engine.kind=ddp"], "fsdp2": ["engine.kind=fsdp2"],
                    "deepspeed": ["engine.kind=deepspeed", "engine.deepspeed_stage=2"]}
 EXTRA_VARIANTS = {"fsdp2-shard_grad_op": ["engine.kind=fsdp2", "engine.fsdp_strategy=shard_grad_op"],
-                  "deepspeed-zero1": ["engine.kind=deepspeed", "engine.deepspeed_stage=1"]}
+                  "deepspeed-zero1": ["engine.kind=deepspeed", "engine.deepspeed_stage=1"],
+                  # recomputation inside FSDP2's per-block all-gathers, with a backward through the tangent
+                  "fsdp2-checkpointing": ["engine.kind=fsdp2", "engine.activation_checkpointing=true"]}
+EXTRA_CASES = [("fsdp2-shard_grad_op", "mf"), ("deepspeed-zero1", "mf"), ("fsdp2-checkpointing", "sg_lambda")]
 
 
-@pytest.mark.parametrize("engine,objective", [(e, o) for e in ENGINE_VARIANTS for o in OBJECTIVES]
-                         + [(e, "mf") for e in EXTRA_VARIANTS])
+@pytest.mark.parametrize("engine,objective", [(e, o) for e in ENGINE_VARIANTS for o in OBJECTIVES] + EXTRA_CASES)
 def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
     config, extra = OBJECTIVES[objective]
     run_world(2, config, [*common(tmp_path, 5), *extra, *{**ENGINE_VARIANTS, **EXTRA_VARIANTS}[engine]])

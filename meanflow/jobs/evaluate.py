@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_settings
 from meanflow.evaluation.outputs import is_evaluated, write_results
 from meanflow.models import build_model
+from meanflow.models.execution import set_block_execution
 from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
 from meanflow.platform.config import ConfigError, load_config_text
 from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown
@@ -56,6 +57,7 @@ def resolve_step(store: CheckpointStore, step: int | None) -> int:
 
 def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, device) -> tuple[torch.nn.Module, str]:
     """The model the config describes with a committed step's EMA weights (or the model's, without EMA)."""
+    set_block_execution(cfg.engine.compile)   # sampling is compiled as training's plain forwards are
     model = build_model(cfg.model)
     try:
         state, which = store.load_weights(step, model.state_dict())

@@ -23,6 +23,7 @@ from meanflow.jobs.preemption import Preempted
 from meanflow.jobs.rollback import RollbackTargets
 from meanflow.models import build_model, count_parameters
 from meanflow.models.attention import set_jvp_backend
+from meanflow.models.execution import set_block_execution
 from meanflow.objectives import ObjectiveContext, build_objective, guidance_conditions
 from meanflow.platform.checkpoint import CheckpointStore, StorageOutage
 from meanflow.platform.config import Config, ConfigError, save_config
@@ -102,6 +103,7 @@ class Trainer:
             set_jvp_backend(cfg.objective.jvp_attention)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        set_block_execution(cfg.engine.compile, cfg.engine.activation_checkpointing)
         self.evaluator = None
         if cfg.eval.at_end:   # built now: a missing feature extractor or VAE fails before training, not after
             try:

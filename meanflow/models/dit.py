@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .attention import attention
+from .execution import managed_block
 from .embeddings import (LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_layers, sincos_pos_embed_2d,
                          unpatchify)
 
@@ -60,6 +61,7 @@ class DiTBlock(nn.Module):
         self.mlp = FeedForward(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
+    @managed_block
     def forward(self, x_BLD, c_BD):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c_BD).chunk(6, dim=1)
         x_BLD = x_BLD + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x_BLD), shift_msa, scale_msa))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .attention import attention
+from .execution import managed_block
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_layers, unpatchify
 
 # Tokens per condition, in prefix order: class, omega, t_min, t_max, h.
@@ -82,6 +83,7 @@ class IMFBlock(nn.Module):
         self.gate_attn = nn.Parameter(torch.zeros(width))
         self.gate_mlp = nn.Parameter(torch.zeros(width))
 
+    @managed_block
     def forward(self, x_BLD, cos, sin):
         x_BLD = x_BLD + self.gate_attn * self.attn(self.norm1(x_BLD), cos, sin)
         x_BLD = x_BLD + self.gate_mlp * self.mlp(self.norm2(x_BLD))

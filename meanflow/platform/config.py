@@ -244,6 +244,11 @@ class EngineConfig:
     """fsdp2: full_shard (re-shard parameters after forward) or shard_grad_op (keep them until backward)."""
     jvp_smoke_test: bool = True
     """Before step 1, compare the engine's JVP with a finite difference of the same model; fail fast if off."""
+    compile: str = "none"
+    """torch.compile of the transformer blocks: none, outside_jvp (the no-grad guidance forwards, the rows with
+    r = t, flow matching and sampling; the JVP runs eager) or all (models/execution.py)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (correct under the JVP's forward AD) to fit XL batches."""
     process_group_timeout_s: float = 600.0
     """Collective timeout: a lost rank fails the job after this long instead of hanging (gloo's default: 30 min)."""
 
@@ -493,6 +498,7 @@ CHOICES = {
     "eval.mode": ("job", "watcher"),
     "eval.feature_extractor": ("auto", "inception-v3-compat", "digits-cnn"),
     "objective.jvp_attention": ("auto", "math", "fused"),
+    "engine.compile": ("none", "outside_jvp", "all"),
 }
 
 
