@@ -1,78 +1,183 @@
-"""Step time and peak memory of every objective relative to flow matching, on the same model and batch.
+"""Step time and memory of every objective relative to flow matching, on the same model and batch.
 
-    python bench/step_cost.py [--config tiny_mf] [--steps 20] [--warmup 3] [key=value ...]
+    python bench/step_cost.py [--config tiny_mf] [--steps 20] [--warmup 3] [--objectives fm,mf,...]
+                              [--synthetic] [key=value ...]
 
-Prints one row per objective: ms/step, ratio to fm, and peak memory (CUDA) or peak RSS growth (CPU), all
-measured in this one run, so the ratios compare like with like. The figures go to bench/RESULTS.md by hand, with
-the machine they came from.
+A row is ``OBJECTIVE[+VARIANT...]``:
+  +all       the JVP's tangent pass on every row (objective.jvp_all_rows) instead of only the rows with r ≠ t
+  +naive     MF the way public PyTorch ports write it: torch.func.jvp over the whole model on every row, math
+             attention, no compile (the baseline of issue 8)
+  +math      attention inside the JVP forced to math (objective.jvp_attention=math; default auto = fused on GPU)
+  +compiled  engine.compile=outside_jvp         +ckpt  engine.activation_checkpointing=true
+
+On a CPU every row is built first, then timed in ``--rounds`` interleaved rounds of ``--steps`` steps (median
+shown), so that the machine's noise hits every row alike; on a GPU one row at a time (memory). Prints ms/step, ratio to fm, the FLOP floor in forward-equivalents F
+(F measured: one no-grad forward of the batch) and ÷ floor, the activations autograd keeps for the backward (one
+step, measured with saved-tensor hooks), on CUDA the peak memory, the model TFLOP/s of the floor and MFU. ``--synthetic``: random
+data of the model's shape (latent models, B/2 and XL/2 on a GPU). Figures go to bench/RESULTS.md by hand, with the
+machine they came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import resource
+import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from meanflow.data_pipeline import build_embedded_stream
+from meanflow.jobs.train import resolve_device
 from meanflow.models import build_model, count_parameters
+from meanflow.models.attention import set_jvp_backend
+from meanflow.models.execution import set_block_execution
 from meanflow.objectives import ObjectiveContext, build_objective
+from meanflow.objectives.base import adaptive_weighted_loss, expand_like, model_u
+from meanflow.objectives.time_sampling import sample_time_pairs
 from meanflow.platform.config import load_config
 from meanflow.platform.engines import build_engine
-from meanflow.jobs.train import resolve_device
 
-OBJECTIVES = ("fm", "mf", "mf+all", "imf", "imf+all", "sg_lambda", "stability", "tangent_beta")
-# NAME+all: the same objective with the JVP's tangent pass on every row (objective.jvp_all_rows), the way public
-# ports run it; without the suffix it runs only on the rows with r ≠ t.
+OBJECTIVES = ("fm", "mf", "mf+all", "mf+naive", "imf", "imf+all", "sg_lambda", "stability", "tangent_beta")
+VARIANTS = ("all", "naive", "math", "compiled", "ckpt")
+# Dense bf16 peak (no sparsity) for MFU; other devices print no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def time_objective(cfg, name: str, steps: int, warmup: int, device) -> tuple[float, float]:
-    name, _, variant = name.partition("+")
-    cfg.objective.name = name
-    cfg.objective.jvp_all_rows = variant == "all"
+def configure(cfg, row: str) -> tuple[str, set[str]]:
+    name, *variants = row.split("+")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--objectives: unknown variant(s) {sorted(unknown)} in {row!r}; known: {VARIANTS}")
+    cfg.objective.name = "mf" if "naive" in variants else name
+    cfg.objective.jvp_all_rows = "all" in variants
+    if "naive" in variants or "math" in variants:
+        cfg.objective.jvp_attention = "math"
+    cfg.engine.compile = "outside_jvp" if "compiled" in variants else "none"
+    cfg.engine.activation_checkpointing = "ckpt" in variants
     if name == "sg_lambda":                       # λ = 1: the full extra backward through the JVP
         cfg.objective.sg_lambda.start = cfg.objective.sg_lambda.end = 1.0
     if name == "imf" and cfg.model.family != "imf_dit":
         cfg.objective.imf.tangent = "boundary"
-    torch.manual_seed(0)
-    engine = build_engine(cfg.engine, cfg.optim, lambda: build_model(cfg.model), device, world_size=1)
-    objective = build_objective(cfg.objective, cfg.model.num_classes)
-    stream = build_embedded_stream(cfg.data.name, cfg.data.global_batch, cfg.run.seed)
-    ctx = ObjectiveContext.single_process(cfg.data.global_batch, cfg.run.seed, ema_model=engine.ema_model)
-    batches = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in stream.global_batch(s).items()}
-               for s in range(steps + warmup)]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for step, batch in enumerate(batches):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        loss, _ = objective(engine.model, batch, step, ctx)
-        engine.backward(loss)
-        engine.apply(step)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    set_jvp_backend(cfg.objective.jvp_attention)
+    set_block_execution(cfg.engine.compile, cfg.engine.activation_checkpointing)
+    return name, set(variants)
+
+
+def naive_mf_loss(cfg, model, batch, step, ctx):
+    """MF as public ports write it: one torch.func.jvp over the whole batch, then the stop-gradient target."""
+    x, y = batch["x"], batch.get("y")
+    rand = ctx.random(step, x.device)
+    t, r = sample_time_pairs(rand, cfg.objective.time, x.dtype)
+    e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
+    z, v = (1 - expand_like(t, x)) * x + expand_like(t, x) * e, e - x
+    u, dudt = torch.func.jvp(lambda z, t, r: model_u(model(z, t=t, r=r, y=y)), (z, t, r),
+                             (v, torch.ones_like(t), torch.zeros_like(r)))
+    target = (v - expand_like(t - r, x) * dudt).detach()
+    return adaptive_weighted_loss(u - target, cfg.objective.weight_p, cfg.objective.weight_c)[0]
+
+
+def make_batches(cfg, n: int, device, synthetic: bool) -> list[dict]:
+    if synthetic:
+        gen = torch.Generator().manual_seed(0)
+        m, b = cfg.model, cfg.data.global_batch
+        shape = (m.data_dim,) if m.family == "mlp" else (m.in_channels, m.image_size, m.image_size)
+        out = [{"x": torch.randn(b, *shape, generator=gen)} for _ in range(n)]
+        if m.num_classes:
+            for batch in out:
+                batch["y"] = torch.randint(0, m.num_classes, (b,), generator=gen)
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    return (time.perf_counter() - start) / steps * 1e3, peak_mb
+        stream = build_embedded_stream(cfg.data.name, cfg.data.global_batch, cfg.run.seed)
+        out = [stream.global_batch(s) for s in range(n)]
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in out]
 
 
-def forward_ms(cfg, device, repeats: int = 10) -> float:
-    """F: one no-grad forward of the model over the global batch (the unit of the FLOP floors)."""
+def saved_activation_mb(step_fn, params) -> float:
+    """MB of tensors autograd keeps for the backward during one step (parameters excluded)."""
+    pointers = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in pointers:
+                kept[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):   # forward AD's zero tensors hold no memory
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_fn()
+    return sum(kept.values()) / 2**20
+
+
+class Row:
+    """One benchmark row, built once and timed in several interleaved rounds (machine noise hits every row)."""
+
+    def __init__(self, cfg, row: str, steps: int, warmup: int, device, synthetic: bool):
+        self.cfg, self.device, self.steps = cfg, device, steps
+        name, self.variants = configure(cfg, row)
+        torch.manual_seed(0)
+        self.engine = build_engine(cfg.engine, cfg.optim, lambda: build_model(cfg.model), device, world_size=1)
+        self.objective = build_objective(cfg.objective, cfg.model.num_classes)
+        self.ctx = ObjectiveContext.single_process(cfg.data.global_batch, cfg.run.seed,
+                                                   ema_model=self.engine.ema_model)
+        self.batches = make_batches(cfg, steps + warmup, device, synthetic)
+        self.floor = floor_in_forwards(cfg, name, all_rows=bool(self.variants & {"all", "naive"}))
+        self.saved_mb = saved_activation_mb(lambda: self.loss_of(0), self.engine.model.parameters())
+        self.times_ms: list[float] = []
+        self.peak_mb = 0.0
+        self.run(range(steps, steps + warmup))      # warm-up (and compilation) on batches never timed
+
+    def loss_of(self, step):
+        with self.engine.autocast():
+            if "naive" in self.variants:
+                return naive_mf_loss(self.cfg, self.engine.model, self.batches[step], step, self.ctx)
+            return self.objective(self.engine.model, self.batches[step], step, self.ctx)[0]
+
+    def run(self, steps) -> float:
+        set_jvp_backend(self.cfg.objective.jvp_attention)
+        set_block_execution(self.cfg.engine.compile, self.cfg.engine.activation_checkpointing)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for step in steps:
+            self.engine.backward(self.loss_of(step))
+            self.engine.apply(step)
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = max(self.peak_mb, torch.cuda.max_memory_allocated() / 2**20)
+        return (time.perf_counter() - start) / len(steps) * 1e3
+
+    def time_round(self) -> None:
+        self.times_ms.append(self.run(range(self.steps)))
+
+    def release(self) -> None:
+        del self.engine, self.objective, self.ctx, self.batches
+
+    @property
+    def ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def forward_cost(cfg, device, synthetic: bool, repeats: int = 10) -> tuple[float, float]:
+    """F: one no-grad forward of the model over the global batch, in ms and in FLOPs (unit of the floors)."""
+    set_block_execution("none")
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
-    batch = build_embedded_stream(cfg.data.name, cfg.data.global_batch, cfg.run.seed).global_batch(0)
-    x = batch["x"].to(device)
-    y = batch["y"].to(device) if "y" in batch else None
+    batch = make_batches(cfg, 1, device, synthetic)[0]
+    x, y = batch["x"], batch.get("y")
     t = torch.rand(len(x), device=device)
     omega = (torch.tensor([1.0, 0.0, 1.0], device=device).expand(len(x), 3)
              if cfg.model.family == "imf_dit" else None)
-    with torch.no_grad():
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.engine.precision == "bf16")
+    with torch.no_grad(), autocast:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, t=t, r=t, y=y, omega=omega)
         for i in range(repeats + 2):
             if i == 2:
                 if device.type == "cuda":
@@ -81,12 +186,12 @@ def forward_ms(cfg, device, repeats: int = 10) -> float:
             model(x, t=t, r=t, y=y, omega=omega)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (time.perf_counter() - start) / repeats * 1e3, float(counter.get_total_flops())
 
 
 def floor_in_forwards(cfg, name: str, all_rows: bool) -> float:
     """Issue 8's FLOP floor in forward-equivalents F: forward + backward 3F; the JVP's tangent pass 1F on the rows
-    with r ≠ t only (on every row for NAME+all); each no-grad forward 1F (training CFG: 2; iMF: 2; the EMA or
+    with r ≠ t only (on every row for +all/+naive); each no-grad forward 1F (training CFG: 2; iMF: 2; the EMA or
     boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows; stability 3F."""
     o = cfg.objective
     share = 1.0 if all_rows else 1.0 - o.time.share_r_eq_t
@@ -103,35 +208,59 @@ def floor_in_forwards(cfg, name: str, all_rows: bool) -> float:
     return floor + (3.0 if name == "stability" else 0.0)
 
 
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in gpu), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="tiny_mf")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--synthetic", action="store_true", help="random data of the model's shape")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = load_config(args.config, args.overrides)
     device = resolve_device(base.engine.device)
-    model = build_model(base.model)
-    print(f"# {args.config}: {base.model.family}/{base.model.size} {count_parameters(model) / 1e6:.2f}M params, "
-          f"global batch {base.data.global_batch}, device {device}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
-    rows = {}
-    for name in args.objectives.split(","):
-        cfg = load_config(args.config, args.overrides)
-        rows[name] = time_objective(cfg, name, args.steps, args.warmup, device)
-    fm_ms = rows.get("fm", (float("nan"),))[0]
-    f_ms = forward_ms(base, device)
-    print(f"F (one no-grad forward of the batch) = {f_ms:.1f} ms")
-    print(f"{'objective':<14}{'ms/step':>10}{'÷ fm':>8}{'floor F':>9}{'floor ms':>10}{'÷ floor':>9}{'peak MB':>10}")
-    for name, (ms, mb) in rows.items():
-        objective, _, variant = name.partition("+")
-        cfg = load_config(args.config, args.overrides)
-        cfg.objective.name = objective
-        floor = floor_in_forwards(cfg, objective, variant == "all")
-        print(f"{name:<14}{ms:>10.1f}{ms / fm_ms:>8.2f}{floor:>9.2f}{floor * f_ms:>10.1f}{ms / (floor * f_ms):>9.2f}"
-              f"{mb:>10.1f}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# {args.config}: {base.model.family}/{base.model.size} "
+          f"{count_parameters(build_model(base.model)) / 1e6:.2f}M params, global batch {base.data.global_batch}, "
+          f"{base.engine.precision}, device {device} ({where}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    make_row = lambda row: Row(load_config(args.config, args.overrides), row, args.steps, args.warmup, device,
+                               args.synthetic)
+    if device.type == "cpu":      # all rows alive at once, rounds interleaved
+        rows = {row: make_row(row) for row in args.objectives.split(",")}
+        for _ in range(args.rounds):
+            for row in rows.values():
+                row.time_round()
+    else:                         # one model in GPU memory at a time (XL/2: ~11 GB of weights and Adam state each)
+        rows = {}
+        for name in args.objectives.split(","):
+            row = make_row(name)
+            for _ in range(args.rounds):
+                row.time_round()
+            row.release()
+            rows[name] = row
+            torch.cuda.empty_cache()
+    f_ms, f_flops = forward_cost(base, device, args.synthetic)
+    peak = peak_flops(device)
+    fm_ms = rows["fm"].ms if "fm" in rows else float("nan")
+    print(f"F (one no-grad forward of the batch) = {f_ms:.1f} ms, {f_flops / 1e12:.4f} TFLOP; median of {args.rounds} "
+          f"rounds of {args.steps} steps")
+    print(f"{'row':<20}{'ms/step':>9}{'÷ fm':>7}{'floor F':>8}{'floor ms':>9}{'÷ floor':>8}{'saved MB':>10}"
+          f"{'peak MB':>9}{'TFLOP/s':>9}{'MFU':>6}")
+    for name, r in rows.items():
+        tflops = r.floor * f_flops / (r.ms / 1e3) / 1e12
+        mfu = f"{tflops * 1e12 / peak:>6.0%}" if peak else f"{'-':>6}"
+        peak_mb = f"{r.peak_mb:>9.0f}" if device.type == "cuda" else f"{'-':>9}"
+        print(f"{name:<20}{r.ms:>9.1f}{r.ms / fm_ms:>7.2f}{r.floor:>8.2f}{r.floor * f_ms:>9.1f}"
+              f"{r.ms / (r.floor * f_ms):>8.2f}{r.saved_mb:>10.1f}{peak_mb}{tflops:>9.3f}{mfu}")
 
 
 if __name__ == "__main__":

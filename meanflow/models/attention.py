@@ -4,7 +4,7 @@ Without a tangent it is PyTorch's SDPA (flash / memory-efficient kernels). Insid
 tangent on q, k or v) the backend is ``objective.jvp_attention``:
 
 - ``math``: an explicit softmax (below). Runs everywhere; O(L²) memory per head; its tangent is differentiable
-  (SG_λ with λ > 0 and the stability penalty backpropagate through it).
+  (SG_λ with λ > 0 backpropagates through it).
 - ``fused``: the Triton flash kernel of the ``jvp-flash-attention`` package, primal and tangent in one pass with
   O(L) memory. Its tangent output carries no gradient, so it serves only calls made under ``detached_tangents()``
   (the JVP helper enters it for MF/iMF, whose targets stop the gradient); elsewhere ``math`` is used. Head dims
