@@ -85,3 +85,20 @@ def sample_toy(name: str, n: int, generator: torch.Generator) -> torch.Tensor:
     if name not in _TOYS:
         raise ValueError(f"unknown data.name {name!r}; known 2-D toys: {', '.join(TOY_NAMES)}")
     return _TOYS[name](int(n), generator).float()
+
+
+def marginal_velocity_oracle(name: str, n: int = 8192, seed: int = 0) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                  torch.Tensor]:
+    """v(z, t) = E[e − x | z_t = z] for z_t = (1 − t)·x + t·e, e ~ N(0, I): the marginal velocity of toy ``name``,
+    by self-normalised weights p(z | x_i) over ``n`` of its samples (exact for the n-point distribution; in 2-D
+    close to the toy's own). Feeds the exact β* diagnostic of tangent_beta (OBJECTIVES.md §6). Needs t > 0."""
+    points = sample_toy(name, n, torch.Generator().manual_seed(seed))
+
+    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        xs = points.to(z.device, z.dtype)
+        tt = t.to(z.dtype).reshape(-1, 1, 1)
+        noise = (z[:, None, :] - (1 - tt) * xs[None]) / tt                    # (B, n, 2): e_i that gives z
+        weights = torch.softmax(-0.5 * noise.square().sum(-1), dim=1)        # ∝ N(z; (1 − t) x_i, t² I)
+        return (weights[..., None] * (noise - xs[None])).sum(1)
+
+    return velocity

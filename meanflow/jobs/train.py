@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from meanflow.data_pipeline import build_stream, merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
+from meanflow.data_pipeline.toys2d import TOY_NAMES, marginal_velocity_oracle
 from meanflow.evaluation.evaluator import Evaluator, describe_data
 from meanflow.evaluation.outputs import write_results
 from meanflow.jobs.preemption import Preempted
@@ -104,6 +105,10 @@ class Trainer:
         except ValueError as err:
             raise ConfigError(str(err)) from err
         set_block_execution(cfg.engine.compile, cfg.engine.activation_checkpointing)
+        # tangent_beta's exact β* diagnostic needs the marginal velocity, known (by sampling) for the 2-D toys only
+        uses_beta = "tangent_beta" in (cfg.objective.name, cfg.objective.stability.base)
+        self.marginal_velocity = (marginal_velocity_oracle(cfg.data.name, seed=cfg.run.seed)
+                                  if uses_beta and cfg.data.name in TOY_NAMES else None)
         self.evaluator = None
         if cfg.eval.at_end:   # built now: a missing feature extractor or VAE fails before training, not after
             try:
@@ -225,7 +230,7 @@ class Trainer:
             mb = {key: (v[local].to(self.device) if isinstance(v, torch.Tensor) else v) for key, v in batch.items()}
             ctx = ObjectiveContext(seed=cfg.run.seed, global_batch=cfg.data.global_batch, rows=first_row + local,
                                    ema_model=self.engine.ema_model, rank=self.env.rank,
-                                   world_size=self.env.world_size)
+                                   world_size=self.env.world_size, marginal_velocity=self.marginal_velocity)
             with self.engine.autocast():
                 loss, stats = self.objective(self.engine.model, mb, self.step, ctx)
             fault = injected_loss_factor(cfg.guard.inject, self.attempt)   # 1.0 outside fault-injection tests

@@ -51,8 +51,9 @@ class MeanFlow(Objective):
         stats: dict[str, torch.Tensor] = {}
         dz = self.tangent(model, z, t, r, v_tilde, y_model, step, ctx, stats)
         lam = self.jvp_grad_weight(step)
+        dt, dr = self.cfg.time_tangents
         u, dudt = jvp(lambda z, t, r, y: model_u(model(z, t=t, r=r, y=y)),
-                      primals=dict(z=z, t=t, r=r, y=y_model), tangents=dict(z=dz, t=1.0, r=0.0),
+                      primals=dict(z=z, t=t, r=r, y=y_model), tangents=dict(z=dz, t=dt, r=dr),
                       rows=None if self.cfg.jvp_all_rows else t != r, differentiable=lam != 0)
 
         # SG_λ[du/dt]; at λ = 0 the JVP leaves the graph entirely (MF's stop-gradient on the target).

@@ -42,20 +42,22 @@ class NonExpansivity(Objective):
         out = self.base.compute(model, batch, step, ctx)
         mu = self.mu_at(step)
         out.stats["stab_mu"] = torch.tensor(mu)
-        if mu == 0:
+        if mu == 0 and not self.cfg.measure_when_off:
             return out
         z, u = out.z, out.u
         xi = ctx.random(step, z.device).normal("stability_xi", *z.shape[1:], dtype=z.dtype)
         scale = self.cfg.delta * (per_sample_norm(z.detach()) if self.cfg.relative_delta else 1.0)
         dz = expand_like(scale / per_sample_norm(xi), xi) * xi
-        u_moved = model_u(model(z + dz, t=out.t, r=out.r, **out.model_kwargs))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mu > 0):   # off: a measurement only
+            u_moved = model_u(model(z + dz, t=out.t, r=out.r, **out.model_kwargs))
         h = expand_like(out.t - out.r, z)
         moved = per_sample_norm(dz - h * (u_moved - u))       # ‖φ(z + Δz) − φ(z)‖
         base_norm = per_sample_norm(dz)
         penalty = torch.relu(moved - base_norm).pow(2).mean()
         ratio = (moved / base_norm).detach()
         active = out.t != out.r                                # at r = t, φ is the identity: ratio 1
-        out.loss = out.loss + mu * penalty
+        if mu:
+            out.loss = out.loss + mu * penalty
         out.stats.update(loss=out.loss.detach(), stab=penalty.detach(),
                          expansion_mean=masked_mean(ratio, active),
                          expansion_max=torch.where(active, ratio, torch.zeros_like(ratio)).max())

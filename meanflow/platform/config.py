@@ -126,6 +126,8 @@ class StabilityConfig:
     """Step at which μ reaches 0 (null: always active)."""
     decay: str = "none"
     """Shape of μ's decay to active_until_step: none, linear, cosine."""
+    measure_when_off: bool = False
+    """Log the expansion ratio even where μ = 0 (one more no-grad forward per step): for control runs."""
 
 
 @dataclass
@@ -181,6 +183,9 @@ class ObjectiveConfig:
     jvp_all_rows: bool = False
     """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
     t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
+    time_tangents: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    """(dt, dr) of the MF-family JVP. (1, 0) is MeanFlow's total derivative d/dt; any other pair is a wrong one,
+    offered only to reproduce the MF paper's ablation (bench/fidelity.py)."""
     jvp_attention: str = "auto"
     """Attention inside the JVP: auto (the fused jvp-flash-attention kernel on CUDA where it applies, else math),
     math, or fused (models/attention.py)."""
@@ -517,6 +522,9 @@ def validate(cfg: DictConfig, source: str) -> None:
     if cfg.guard.inject.kind != "none" and not cfg.guard.allow_inject:
         raise ConfigError(f"{source}: key 'guard.inject': fault injection is for tests; set guard.allow_inject=true "
                           "to run it on purpose")
+    if len(cfg.objective.time_tangents) != 2:
+        raise ConfigError(f"{source}: key 'objective.time_tangents': expected [dt, dr], got "
+                          f"{list(cfg.objective.time_tangents)}")
     if not 0.0 <= cfg.objective.time.share_r_eq_t <= 1.0:
         raise ConfigError(f"{source}: key 'objective.time.share_r_eq_t': must lie in [0, 1]")
 
