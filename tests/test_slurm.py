@@ -84,13 +84,15 @@ def wait_done(job_id: str, log_dir, timeout_s: float = 300) -> str:
 
 
 def read_lines(url: str) -> list[dict]:
+    """One GET of the whole object: the job appends by rewriting it, so an open-then-read can lose the race
+    (s3fs FileExpired: the ETag changed between the two)."""
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
     try:
-        with fs.open(url, "r") as f:
-            return [json.loads(line) for line in f.read().splitlines()]
+        text = fs.cat(url).decode()
     except FileNotFoundError:
         return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def train_losses(run_dir: str) -> list[tuple[int, float]]:
