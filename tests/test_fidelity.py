@@ -30,7 +30,7 @@ def test_quick_report_is_written_with_finite_numbers_and_plots(tmp_path):
         assert f"## {section}." in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| setting")
             and not line.startswith("| toy")]
-    assert len(rows) == 3 + 4 + 20 + 2 + 5 + 4
+    assert len(rows) == 3 + 4 + 20 + 2 + 5 + 4 + 4   # the six tables, and β's fixed-parameter table (4 toys)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         sw = cells[2:4] if cells[1].replace(".", "").isdigit() else cells[1:3]   # β rows carry β in cell 2
