@@ -15,18 +15,21 @@ from .samplers import guidance_conditions, sample, sample_noise
 from .stability import NonExpansivity
 from .tangent_beta import TangentBeta
 
+# The registry: ``objective.name`` (and a wrapper's ``base``) accepts exactly these names, which the config reads
+# from here (meanflow.platform.config.choices), so adding an objective is one entry.
 OBJECTIVES = {"fm": FlowMatching, "mf": MeanFlow, "sg_lambda": SGLambda, "imf": ImprovedMeanFlow,
-              "tangent_beta": TangentBeta}
-NAMES = (*OBJECTIVES, "stability")
+              "tangent_beta": TangentBeta}   # name -> class(objective cfg, num_classes)
+WRAPPERS = {"stability": NonExpansivity}     # name -> class(base objective, cfg.<name>); base: cfg.<name>.base
+NAMES = (*OBJECTIVES, *WRAPPERS)
 
 
 def build_objective(cfg, num_classes: int = 0) -> Objective:
-    """``cfg`` is the ``objective`` config section; ``stability`` wraps ``cfg.stability.base``."""
-    if cfg.name == "stability":
-        base = cfg.stability.base
-        if base not in OBJECTIVES:
-            raise ValueError(f"objective.stability.base: unknown {base!r}; known: {', '.join(OBJECTIVES)}")
-        return NonExpansivity(OBJECTIVES[base](cfg, num_classes), cfg.stability)
+    """``cfg`` is the ``objective`` config section; a wrapper (``stability``) wraps ``cfg.<name>.base``."""
+    if cfg.name in WRAPPERS:
+        section = getattr(cfg, cfg.name)
+        if section.base not in OBJECTIVES:
+            raise ValueError(f"objective.{cfg.name}.base: unknown {section.base!r}; known: {', '.join(OBJECTIVES)}")
+        return WRAPPERS[cfg.name](OBJECTIVES[section.base](cfg, num_classes), section)
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"objective.name: unknown {cfg.name!r}; known: {', '.join(NAMES)}")
     return OBJECTIVES[cfg.name](cfg, num_classes)
@@ -34,4 +37,4 @@ def build_objective(cfg, num_classes: int = 0) -> Objective:
 
 __all__ = ["Objective", "ObjectiveContext", "build_objective", "jvp", "sample", "sample_noise",
            "guidance_conditions", "FlowMatching", "MeanFlow", "SGLambda", "NonExpansivity", "ImprovedMeanFlow",
-           "TangentBeta", "NAMES"]
+           "TangentBeta", "NAMES", "OBJECTIVES", "WRAPPERS"]

@@ -1,17 +1,20 @@
 """Structured run configuration: dataclass schema + ``configs/<name>.yaml`` + dotlist overrides.
 
-Every field has a docstring (the string under it). Loading validates against the schema: an unknown key or a
-wrong type raises ``ConfigError`` naming the key and the file (or the command-line override) it came from; the
-CLI turns that into exit code 2. The resolved config is written into every run directory.
+Every field has a docstring (the string under it), and every numeric field its range (``bounded(default, ge=1)``
+beside it). Loading validates against the schema: an unknown key, a wrong type, a number out of its range or a
+name not among ``CHOICES`` raises ``ConfigError`` naming the key and the file (or the command-line override) it
+came from; the CLI turns that into exit code 2. The resolved config is written into every run directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -19,6 +22,39 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and where it came from."""
+
+
+# ------------------------------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number (of each element, for a list); a bound left as None does not apply."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def __contains__(self, value: float) -> bool:   # NaN compares false with every bound: refused where bounded
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else ""
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        one_sided = ((self.ge, "≥"), (self.gt, ">"), (self.le, "≤"), (self.lt, "<"))
+        return next((f"{op} {bound:g}" for bound, op in one_sided if bound is not None), "any number")
+
+
+def bounded(default: Any, *, ge=None, gt=None, le=None, lt=None) -> Any:
+    """A schema field whose value (each element, for a list; None passes) ``validate`` checks against the range."""
+    meta = {"range": Range(ge=ge, gt=gt, le=le, lt=lt)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -30,11 +66,11 @@ class RunConfig:
     """Run name; the default run directory is ./runs/<name>."""
     run_dir: str = "file://./runs/${run.name}"
     """fsspec URL of the run directory (file://, s3://, memory://). Holds config, metrics, checkpoints, samples."""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     """Run seed: every random draw is seeded by (seed, step, global sample index)."""
-    steps: int = 1000
+    steps: int = bounded(1000, ge=1)
     """Optimizer steps to train."""
-    log_every: int = 50
+    log_every: int = bounded(50, ge=1)
     """Steps between progress lines and metrics records."""
     resume: bool = False
     """Require a checkpoint to continue from (an error if run_dir holds none). A run_dir that holds committed
@@ -50,29 +86,29 @@ class ModelConfig:
     """tiny (CPU), S, B, M, L, XL. MF-DiT and iMF-DiT share names but not shapes (OBJECTIVES.md)."""
     patch_size: int = 2
     """Patch size: 2, 4 or 8."""
-    image_size: int = 8
+    image_size: int = bounded(8, ge=1)
     """Input height = width (latent size for latent models)."""
-    in_channels: int = 1
+    in_channels: int = bounded(1, ge=1)
     """Input channels (4 for SD-VAE latents)."""
-    num_classes: int = 0
+    num_classes: int = bounded(0, ge=0)
     """Number of classes; 0 = unconditional. The null label is index num_classes."""
     v_head: bool = False
     """imf_dit only: add the auxiliary v-head branch (dropped at inference)."""
-    v_head_depth: int = 8
+    v_head_depth: int = bounded(8, ge=1)
     """Blocks in the v-head branch (and in the u branch after the shared trunk)."""
-    depth: Optional[int] = None
-    """Override the registry's depth."""
-    width: Optional[int] = None
-    """Override the registry's width."""
-    heads: Optional[int] = None
-    """Override the registry's head count."""
-    prefix_tokens: Optional[List[int]] = None
+    depth: Optional[int] = bounded(None, ge=0)
+    """Override the registry's depth (null or 0: the registry's)."""
+    width: Optional[int] = bounded(None, ge=0)
+    """Override the registry's width (null or 0: the registry's)."""
+    heads: Optional[int] = bounded(None, ge=0)
+    """Override the registry's head count (null or 0: the registry's)."""
+    prefix_tokens: Optional[List[int]] = bounded(None, ge=1)
     """imf_dit only: tokens per condition [class, ω, t_min, t_max, h]; null = iMF's [8, 4, 2, 2, 4]."""
-    mlp_hidden: int = 128
+    mlp_hidden: int = bounded(128, ge=1)
     """mlp only: hidden width."""
-    mlp_layers: int = 3
+    mlp_layers: int = bounded(3, ge=1)
     """mlp only: hidden SiLU layers."""
-    data_dim: int = 2
+    data_dim: int = bounded(2, ge=1)
     """mlp only: data dimension."""
 
 
@@ -80,33 +116,33 @@ class ModelConfig:
 class TimeSamplerConfig:
     kind: str = "logit_normal"
     """logit_normal or uniform."""
-    mu: float = -0.4
+    mu: float = bounded(-0.4)
     """Logit-normal mean. MF ImageNet −0.4; MF CIFAR −2.0; iMF −0.4."""
-    sigma: float = 1.0
+    sigma: float = bounded(1.0, gt=0)
     """Logit-normal std. MF ImageNet 1.0; MF CIFAR 2.0; iMF 1.0."""
-    share_r_eq_t: float = 0.75
+    share_r_eq_t: float = bounded(0.75, ge=0, le=1)
     """Share of the global batch (a fixed count, first rows) with r = t. MF ImageNet 0.75; CIFAR 0.25; iMF 0.5."""
 
 
 @dataclass
 class GuidanceConfig:
-    omega: float = 1.0
+    omega: float = bounded(1.0, ge=0)
     """MF training CFG ω (v_c weight). ω = 1, κ = 0 turns training CFG off."""
-    kappa: float = 0.0
+    kappa: float = bounded(0.0, ge=0, lt=1)
     """MF training CFG κ (weight of u(z,t,t|y)); effective scale ω/(1−κ). B/2 default: ω = 1, κ = 0.5."""
-    t_start: float = 0.0
+    t_start: float = bounded(0.0, ge=0, le=1)
     """Guidance window start."""
-    t_end: float = 1.0
+    t_end: float = bounded(1.0, ge=0, le=1)
     """Guidance window end."""
 
 
 @dataclass
 class SGLambdaConfig:
-    start: float = 0.0
+    start: float = bounded(0.0, ge=0, le=1)
     """λ at step 0 (λ = 0 is MF's gradient)."""
-    end: float = 1.0
+    end: float = bounded(1.0, ge=0, le=1)
     """λ after warm-up (λ = 1 differentiates fully through the JVP)."""
-    warmup_steps: int = 5000
+    warmup_steps: int = bounded(5000, ge=0)
     """Curriculum length T_warmup."""
     shape: str = "linear"
     """linear or cosine."""
@@ -116,13 +152,13 @@ class SGLambdaConfig:
 class StabilityConfig:
     base: str = "mf"
     """Base objective the non-expansivity penalty is added to (fm, mf, sg_lambda, imf, tangent_beta)."""
-    delta: float = 0.01
+    delta: float = bounded(0.01, gt=0)
     """Perturbation size δ. The paper's numbers use an absolute δ = 0.01."""
     relative_delta: bool = False
     """Read δ as a fraction of ‖z‖ per sample (absolute δ makes the penalty ~1e-4·(ratio − 1)²)."""
-    mu: float = 0.1
+    mu: float = bounded(0.1, ge=0)
     """Penalty weight μ; μ ≥ 0.5 collapses quality."""
-    active_until_step: Optional[int] = None
+    active_until_step: Optional[int] = bounded(None, ge=0)
     """Step at which μ reaches 0 (null: always active)."""
     decay: str = "none"
     """Shape of μ's decay to active_until_step: none, linear, cosine."""
@@ -134,27 +170,27 @@ class StabilityConfig:
 class IMFConfig:
     tangent: str = "v_head"
     """JVP tangent v_θ: v_head (needs model.v_head), boundary (u(z,t,t)), or v_c (ablation; ω ≡ 1 gives MF)."""
-    s_max: float = 7.0
+    s_max: float = bounded(7.0, ge=0)
     """ω ∈ [1, 1 + s_max]; 0 disables guidance conditioning (ω ≡ 1)."""
-    beta_cfg: float = 1.0
+    beta_cfg: float = bounded(1.0)
     """ω density ∝ ω^−β_cfg (1: log-uniform)."""
-    t_min_high: float = 0.5
+    t_min_high: float = bounded(0.5, ge=0, le=1)
     """t_min ~ U[0, t_min_high)."""
-    t_max_low: float = 0.5
+    t_max_low: float = bounded(0.5, ge=0, le=1)
     """t_max ~ U[t_max_low, 1)."""
 
 
 @dataclass
 class TangentBetaConfig:
-    beta: float = 0.5
+    beta: float = bounded(0.5, ge=0, le=1)
     """Tangent (1 − β)·v_c + β·v̂. β = 0 is MF; β = 1 the iMF corner."""
     proxy: str = "ema"
     """v̂: ema (EMA model's u(z,t,t)), boundary (u_θ(z,t,t)), v_head."""
-    beta_star_every: int = 100
+    beta_star_every: int = bounded(100, ge=0)
     """Log the β* diagnostic every N steps (0: never)."""
-    fm_anchor: float = 0.0
+    fm_anchor: float = bounded(0.0, ge=0)
     """λ_fm of the optional flow-matching anchor (0.1 in the paper; 0 = off)."""
-    anchor_delta: float = 1e-3
+    anchor_delta: float = bounded(1e-3, ge=0, le=1)
     """Anchor uses r = t − δ, δ ~ U[0, anchor_delta]."""
 
 
@@ -164,11 +200,11 @@ class ObjectiveConfig:
     """fm, mf, sg_lambda, stability, imf, tangent_beta."""
     time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
     """(t, r) sampler."""
-    weight_p: float = 1.0
+    weight_p: float = bounded(1.0, ge=0)
     """Adaptive weight power p in w = 1/(‖Δ‖² + c)^p (0 = plain L2; fm always uses plain L2)."""
-    weight_c: float = 0.01
+    weight_c: float = bounded(0.01, gt=0)
     """Adaptive weight constant c."""
-    label_drop: float = 0.1
+    label_drop: float = bounded(0.1, ge=0, le=1)
     """Share of labels replaced by the null class (class-conditional models)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     """MF training-time CFG."""
@@ -183,7 +219,7 @@ class ObjectiveConfig:
     jvp_all_rows: bool = False
     """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
     t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
-    time_tangents: list[float] = field(default_factory=lambda: [1.0, 0.0])
+    time_tangents: list[float] = bounded([1.0, 0.0])
     """(dt, dr) of the MF-family JVP. (1, 0) is MeanFlow's total derivative d/dt; any other pair is a wrong one,
     offered only to reproduce the MF paper's ablation (bench/fidelity.py)."""
     jvp_attention: str = "auto"
@@ -196,40 +232,40 @@ class DataConfig:
     name: str = "digits"
     """Embedded dataset (digits = scikit-learn's 8×8 digits, or a 2-D toy: checkerboard, eight_gaussians, ...),
     or "webdataset" to stream the shards at data.url."""
-    global_batch: int = 128
+    global_batch: int = bounded(128, ge=1)
     """Samples per optimizer step over all processes and micro-batches."""
     url: str = ""
     """WebDataset shards (data.name = webdataset): a directory holding manifest.json, or a brace pattern such as
     s3://bucket/train-{000000..000127}.tar. Credentials and endpoints come from the environment
     (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL_S3, ...) or an fsspec profile, never from this file."""
-    num_workers: int = 2
+    num_workers: int = bounded(2, ge=0)
     """DataLoader worker processes per rank; each reads its own shards (0 = read in the training process)."""
-    shuffle_block: int = 1000
+    shuffle_block: int = bounded(1000, ge=1)
     """Records shuffled together (a seeded permutation of each block of consecutive records of a worker)."""
     latent_norm: str = "mf"
     """Latent shards: mf (× the VAE's scale, 0.18215), imf (iMF's per-channel SD-VAE mean/std) or measured
     (per-channel mean/std the shard writer measured on this data)."""
     latent_flip: bool = True
     """Latent shards: pick the image or its horizontal flip at random each visit (both were encoded)."""
-    io_retries: int = 5
+    io_retries: int = bounded(5, ge=0)
     """Retries (exponential backoff from 0.5 s) of a transient storage error before the run fails."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = bounded(1e-3, gt=0)
     """Peak AdamW learning rate."""
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: List[float] = bounded([0.9, 0.95], ge=0, lt=1)
     """AdamW betas (iMF: β2 = 0.95)."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = 100
+    warmup_steps: int = bounded(100, ge=0)
     """Linear LR warm-up steps."""
-    grad_clip: float = 1.0
+    grad_clip: float = bounded(1.0, ge=0)
     """Clip the global grad norm to this (0 = no clipping; the norm is always reported)."""
-    ema_decay: float = 0.999
+    ema_decay: float = bounded(0.999, ge=0, lt=1)
     """EMA decay of the weights used for sampling (0 = no EMA)."""
-    grad_accum: int = 1
+    grad_accum: int = bounded(1, ge=1)
     """Micro-batches per optimizer step (global_batch must divide evenly)."""
 
 
@@ -254,26 +290,26 @@ class EngineConfig:
     r = t, flow matching and sampling; the JVP runs eager) or all (models/execution.py)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (correct under the JVP's forward AD) to fit XL batches."""
-    process_group_timeout_s: float = 600.0
+    process_group_timeout_s: float = bounded(600.0, gt=0)
     """Collective timeout: a lost rank fails the job after this long instead of hanging (gloo's default: 30 min)."""
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0
+    every: int = bounded(0, ge=0)
     """Steps between checkpoints (0: only at the end)."""
-    keep_last: int = 3
+    keep_last: int = bounded(3, ge=0)
     """Newest committed checkpoints to keep (the newest healthy one is kept whatever its age)."""
-    keep_every: int = 0
+    keep_every: int = bounded(0, ge=0)
     """Also keep every step that is a multiple of this as a milestone (0: none)."""
     url: str = ""
     """Where checkpoints go (any fsspec URL); empty: <run.run_dir>/checkpoints."""
     async_save: bool = False
     """Stage the state in memory, then upload and commit in a background thread while training goes on (one
     upload in flight at most; the next save waits for it)."""
-    upload_timeout_s: float = 300.0
+    upload_timeout_s: float = bounded(300.0, gt=0)
     """One upload attempt that has not finished after this long is abandoned and retried (with backoff)."""
-    max_outage_s: float = 1800.0
+    max_outage_s: float = bounded(1800.0, gt=0)
     """If the store stays unreachable this long, the job stops loudly instead of training unprotected."""
 
 
@@ -282,13 +318,13 @@ class InjectConfig:
     kind: str = "none"
     """Fault injection for tests: none, jvp_nan (the loss and jvp_norm become NaN, as when the JVP overflows),
     loss_spike (loss × factor) or grad_ramp (loss × (1 + rate)^(steps since start), a slowly growing grad norm)."""
-    start: int = 0
+    start: int = bounded(0, ge=0)
     """First training step attempt (counting repeats after rollbacks) that is hit."""
-    count: int = 1
+    count: int = bounded(1, ge=1)
     """Attempts hit from ``start`` on (a large number: a persistent fault)."""
-    factor: float = 100.0
+    factor: float = bounded(100.0, gt=0)
     """loss_spike: the multiplier."""
-    rate: float = 0.2
+    rate: float = bounded(0.2, ge=0)
     """grad_ramp: growth per attempt."""
 
 
@@ -296,34 +332,34 @@ class InjectConfig:
 class GuardConfig:
     enabled: bool = True
     """Detect non-finite values and spikes and respond: skip → rollback → fail."""
-    window: int = 128
+    window: int = bounded(128, ge=1)
     """Healthy values per stat that the z-score compares against."""
-    z_threshold: float = 6.0
+    z_threshold: float = bounded(6.0, ge=0)
     """Spike: a value this many standard deviations above the window's mean (0: off)."""
-    warmup: int = 20
+    warmup: int = bounded(20, ge=1)
     """Healthy values per stat before spike detection starts."""
-    ratio: float = 10.0
+    ratio: float = bounded(10.0, ge=0)
     """Ramp: a value above this multiple of the maximum of the stat's healthy values older than the window
     (0: off)."""
-    ratio_warmup: int = 1000
+    ratio_warmup: int = bounded(1000, ge=0)
     """Healthy values per stat before the ramp test starts (norms legitimately grow by orders of magnitude early
     in training, from the zero-initialised output)."""
-    max_skips: int = 3
+    max_skips: int = bounded(3, ge=1)
     """This many skipped steps within skip_window attempts trigger a rollback."""
-    skip_window: int = 50
+    skip_window: int = bounded(50, ge=1)
     """Attempts over which skips are counted."""
-    max_rollbacks: int = 3
+    max_rollbacks: int = bounded(3, ge=0)
     """More rollbacks than this within rollback_window attempts fail the run."""
-    rollback_window: int = 1000
+    rollback_window: int = bounded(1000, ge=1)
     """Attempts over which rollbacks are counted."""
-    snapshot_every: int = 50
+    snapshot_every: int = bounded(50, ge=1)
     """Steps between in-memory snapshots (replicated engines; sharded ones roll back to the newest healthy
     committed checkpoint)."""
-    skip_batches: int = 256
+    skip_batches: int = bounded(256, ge=0)
     """Global batches the data stream jumps over after a rollback (exact and recorded)."""
-    cooldown_steps: int = 0
+    cooldown_steps: int = bounded(0, ge=0)
     """Steps after a rollback trained at cooldown_factor × the scheduled LR."""
-    cooldown_factor: float = 0.1
+    cooldown_factor: float = bounded(0.1, gt=0, le=1)
     """LR multiplier during the cool-down."""
     inject: InjectConfig = field(default_factory=InjectConfig)
     """Fault injection (tests only; refused unless allow_inject)."""
@@ -333,25 +369,25 @@ class GuardConfig:
 
 @dataclass
 class SamplingGuidance:
-    omega: float = 1.0
+    omega: float = bounded(1.0, ge=0)
     """iMF guidance scale ω at sampling."""
-    t_min: float = 0.0
+    t_min: float = bounded(0.0, ge=0, le=1)
     """Start of the guidance interval."""
-    t_max: float = 1.0
+    t_max: float = bounded(1.0, ge=0, le=1)
     """End of the guidance interval."""
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 50000
+    num_samples: int = bounded(50000, ge=1)
     """Samples generated per evaluation (split over ranks by global index; 2-D toys: SW on 4096, OBJECTIVES.md)."""
-    nfe: int = 1
+    nfe: int = bounded(1, ge=1)
     """Sampling steps (1-NFE by default)."""
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0)
     """Sampling seed: sample i's noise and class label depend only on (seed, i)."""
     guidance: List[SamplingGuidance] = field(default_factory=lambda: [SamplingGuidance()])
     """iMF only: the (omega, t_min, t_max) settings one evaluation sweeps, each scored separately."""
-    batch_size: int = 256
+    batch_size: int = bounded(256, ge=1)
     """Samples per forward pass on each rank."""
     dtype: str = "float32"
     """Sampling precision: float32 or bfloat16 (autocast; features are always float32)."""
@@ -364,23 +400,23 @@ class EvalConfig:
     """FID reference statistics (.npz with mu, sigma) at any fsspec URL; the embedded digits need none."""
     vae: str = ""
     """Latent models: the diffusers AutoencoderKL directory (local or fsspec URL) that decodes samples."""
-    is_splits: int = 10
+    is_splits: int = bounded(10, ge=1)
     """Inception Score splits."""
-    grid: int = 64
+    grid: int = bounded(64, ge=0)
     """Samples drawn in the PNG grid (the first ones by global index)."""
     at_end: bool = True
     """Evaluate the final weights when training ends (written to <run>/eval/step-<last>/). On SLURM the final
     evaluation is a separate job that depends (afterok) on the training job."""
-    every: int = 0
+    every: int = bounded(0, ge=0)
     """Evaluate every this many steps, from committed checkpoints, as separate jobs (0: off)."""
     mode: str = "job"
     """How scheduled evaluations run: job (one job per committed step, submitted by training rank 0) or watcher
     (one long-lived job that polls the checkpoint store)."""
-    tasks: int = 1
+    tasks: int = bounded(1, ge=1)
     """Ranks of an evaluation job (GPUs on a GPU cluster)."""
     time: str = "01:00:00"
     """Wall-time limit of an evaluation job."""
-    watch_idle_s: int = 3600
+    watch_idle_s: int = bounded(3600, ge=1)
     """Watcher mode: stop after this long without a new committed step (or when the final step is evaluated)."""
 
 
@@ -397,23 +433,23 @@ class ClusterConfig:
     time: str = "01:00:00"
     """Wall-time limit per job ([D-]HH:MM:SS or minutes); a longer run is requeued from its checkpoints. Quote it in
     YAML and overrides (cluster.time='12:00:00'): unquoted, YAML reads 12:00:00 as the number 43200."""
-    nodes: int = 1
+    nodes: int = bounded(1, ge=1)
     """Nodes per training job."""
-    gpus_per_node: int = 0
+    gpus_per_node: int = bounded(0, ge=0)
     """GPUs per node; one task (rank) per GPU. 0: CPU jobs with tasks_per_node processes."""
-    tasks_per_node: int = 1
+    tasks_per_node: int = bounded(1, ge=1)
     """Processes per node of a CPU job (gpus_per_node = 0)."""
-    cpus_per_task: int = 0
+    cpus_per_task: int = bounded(0, ge=0)
     """CPU cores per task (0: SLURM's default); data workers run in these."""
-    mem_gb: int = 0
+    mem_gb: int = bounded(0, ge=0)
     """Memory per node in GB (0: SLURM's default)."""
     setup: List[str] = field(default_factory=list)
     """Shell lines the sbatch script runs before the job (module load ..., source venv/bin/activate)."""
     sbatch: Dict[str, str] = field(default_factory=dict)
     """Extra sbatch parameters, e.g. {exclusive: "", reservation: big-run}."""
-    signal_delay_s: int = 120
+    signal_delay_s: int = bounded(120, ge=0)
     """Seconds before the time limit at which SLURM sends USR2: enough for one step and a checkpoint save."""
-    max_requeues: int = 10
+    max_requeues: int = bounded(10, ge=0)
     """Times a job that hit its time limit is requeued (preemptions are not counted)."""
     log_dir: str = "./slurm_logs"
     """Shared-filesystem folder for submitit's job files and logs (each submission gets its own subfolder)."""
@@ -482,37 +518,104 @@ def load_config_text(text: str, source: str, overrides: Optional[List[str]] = No
     return cfg
 
 
-CHOICES = {
-    "model.family": ("mf_dit", "imf_dit", "mlp"),
-    "model.size": ("tiny", "S", "B", "M", "L", "XL"),
-    "model.patch_size": (2, 4, 8),
-    "objective.name": ("fm", "mf", "sg_lambda", "stability", "imf", "tangent_beta"),
-    "objective.time.kind": ("logit_normal", "uniform"),
-    "objective.sg_lambda.shape": ("linear", "cosine"),
-    "objective.stability.base": ("fm", "mf", "sg_lambda", "imf", "tangent_beta"),
-    "objective.stability.decay": ("none", "linear", "cosine"),
-    "objective.imf.tangent": ("v_head", "boundary", "v_c"),
-    "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),
-    "data.latent_norm": ("mf", "imf", "measured"),
-    "engine.kind": ("single", "ddp", "fsdp2", "deepspeed"),
-    "guard.inject.kind": ("none", "jvp_nan", "loss_spike", "grad_ramp"),
+# ------------------------------------------------------------------------------------------------ validation
+
+# Names no module lists yet (each is an if-chain in the module named): kept here until that module exports a tuple.
+LOCAL_CHOICES = {
+    "objective.time.kind": ("logit_normal", "uniform"),            # objectives/time_sampling.py
+    "objective.sg_lambda.shape": ("linear", "cosine"),             # objectives/meanflow.py (SGLambda)
+    "objective.stability.decay": ("none", "linear", "cosine"),     # objectives/stability.py
+    "objective.imf.tangent": ("v_head", "boundary", "v_c"),        # objectives/imf.py
+    "objective.tangent_beta.proxy": ("ema", "boundary", "v_head"),  # objectives/tangent_beta.py
+    "guard.inject.kind": ("none", "jvp_nan", "loss_spike", "grad_ramp"),   # platform/guard/inject.py
     "engine.precision": ("fp32", "bf16"),
-    "engine.fsdp_strategy": ("full_shard", "shard_grad_op"),
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16"),
     "eval.mode": ("job", "watcher"),
+    # evaluation/feature_extractors.py names the two, but importing it imports torch-fidelity (~3 s)
     "eval.feature_extractor": ("auto", "inception-v3-compat", "digits-cnn"),
-    "objective.jvp_attention": ("auto", "math", "fused"),
-    "engine.compile": ("none", "outside_jvp", "all"),
 }
 
 
+def registry_choices() -> Dict[str, tuple]:
+    """Key -> the values it accepts, read from the module that owns the list, so adding an objective, engine, model
+    size or dataset is one edit there. Imported here rather than at the top: those modules import torch (4-12 s
+    on 2 busy cores), and the CLI imports config for ``--help`` and to reject a bad config before heavy imports."""
+    from meanflow.data_pipeline import EMBEDDED_NAMES
+    from meanflow.models.attention import JVP_BACKENDS
+    from meanflow.models.execution import COMPILE_MODES
+    from meanflow.models.registry import FAMILIES, IMF_DIT_SIZES, MF_DIT_SIZES, PATCH_SIZES
+    from meanflow.objectives import OBJECTIVES, WRAPPERS
+    from meanflow.platform.engines import KINDS
+    from meanflow.platform.engines.deepspeed_engine import STAGES
+    from meanflow.platform.engines.fsdp2 import STRATEGIES
+
+    return {
+        "model.family": FAMILIES,
+        "model.size": tuple(dict.fromkeys([*MF_DIT_SIZES, *IMF_DIT_SIZES])),
+        "model.patch_size": PATCH_SIZES,
+        "objective.name": (*OBJECTIVES, *WRAPPERS),
+        "objective.stability.base": tuple(OBJECTIVES),
+        "objective.jvp_attention": JVP_BACKENDS,
+        "data.name": (*EMBEDDED_NAMES, "webdataset"),
+        "engine.kind": KINDS,
+        "engine.fsdp_strategy": STRATEGIES,
+        "engine.deepspeed_stage": STAGES,
+        "engine.compile": COMPILE_MODES,
+    }
+
+
+def choices() -> Dict[str, tuple]:
+    """Key -> the values it accepts: the registries' lists and the ones kept here."""
+    return {**registry_choices(), **LOCAL_CHOICES}
+
+
+def __getattr__(name: str) -> Any:
+    """``config.CHOICES`` is ``choices()``, built when asked for (PEP 562), so that importing config stays light."""
+    if name == "CHOICES":
+        return choices()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def ranges(schema: type = Config, prefix: str = "") -> Dict[str, Range]:
+    """Dotted key -> range of every bounded field; a list of sections (eval.guidance) is keyed without an index."""
+    out = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        section = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)),
+                       None)
+        if "range" in f.metadata:
+            out[prefix + f.name] = f.metadata["range"]
+        elif section is not None:
+            out.update(ranges(section, f"{prefix}{f.name}."))
+    return out
+
+
+def _is_section(node: Any) -> bool:   # a schema section (not a free-form dict such as cluster.sbatch)
+    return isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def _check_ranges(node: DictConfig, source: str, prefix: str = "") -> None:
+    """Walks the config with its schema: each bounded value (each element of a list) lies in its range."""
+    for f in dataclasses.fields(OmegaConf.get_type(node)):
+        key, value = prefix + f.name, node[f.name]
+        bounds = f.metadata.get("range")
+        if _is_section(value):
+            _check_ranges(value, source, key + ".")
+        elif isinstance(value, ListConfig):
+            for i, item in enumerate(value):
+                if _is_section(item):
+                    _check_ranges(item, source, f"{key}[{i}].")
+                elif bounds is not None and item not in bounds:
+                    raise ConfigError(f"{source}: key '{key}[{i}]': {item!r} is out of range (must be {bounds})")
+        elif bounds is not None and value is not None and value not in bounds:
+            raise ConfigError(f"{source}: key '{key}': {value!r} is out of range (must be {bounds})")
+
+
 def validate(cfg: DictConfig, source: str) -> None:
-    """Checks the schema's types cannot express: choices and cross-field constraints."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+    """Checks the schema's types cannot express: ranges, choices and cross-field constraints."""
+    _check_ranges(cfg, source)
+    _check_choices(cfg, source, LOCAL_CHOICES)
     if cfg.data.global_batch % cfg.optim.grad_accum:
         raise ConfigError(f"{source}: key 'optim.grad_accum': {cfg.optim.grad_accum} does not divide "
                           f"data.global_batch = {cfg.data.global_batch}")
@@ -522,11 +625,17 @@ def validate(cfg: DictConfig, source: str) -> None:
     if cfg.guard.inject.kind != "none" and not cfg.guard.allow_inject:
         raise ConfigError(f"{source}: key 'guard.inject': fault injection is for tests; set guard.allow_inject=true "
                           "to run it on purpose")
-    if len(cfg.objective.time_tangents) != 2:
-        raise ConfigError(f"{source}: key 'objective.time_tangents': expected [dt, dr], got "
-                          f"{list(cfg.objective.time_tangents)}")
-    if not 0.0 <= cfg.objective.time.share_r_eq_t <= 1.0:
-        raise ConfigError(f"{source}: key 'objective.time.share_r_eq_t': must lie in [0, 1]")
+    for key, length, meaning in (("objective.time_tangents", 2, "[dt, dr]"), ("optim.betas", 2, "[beta1, beta2]")):
+        if len(OmegaConf.select(cfg, key)) != length:
+            raise ConfigError(f"{source}: key '{key}': expected {meaning}, got {list(OmegaConf.select(cfg, key))}")
+    _check_choices(cfg, source, registry_choices())   # last: the one check that imports torch
+
+
+def _check_choices(cfg: DictConfig, source: str, allowed_values: Dict[str, tuple]) -> None:
+    for key, allowed in allowed_values.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def save_config(cfg: DictConfig) -> str:
