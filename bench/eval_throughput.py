@@ -20,7 +20,7 @@ from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_set
 from meanflow.evaluation.feature_extractors import INCEPTION, load_feature_extractor
 from meanflow.evaluation.images import to_uint8
 from meanflow.evaluation.sampling import generate
-from meanflow.jobs.train import resolve_device
+from meanflow.jobs.components import resolve_device
 from meanflow.models import build_model
 from meanflow.objectives import guidance_conditions
 from meanflow.platform.config import load_config

@@ -29,10 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from meanflow.data_pipeline import build_embedded_stream
-from meanflow.jobs.train import resolve_device
+from meanflow.jobs.components import resolve_device
 from meanflow.models import build_model, count_parameters
-from meanflow.models.attention import set_jvp_backend
-from meanflow.models.execution import set_block_execution
+from meanflow.models.execution import configure_execution, set_block_execution
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.objectives.base import adaptive_weighted_loss, expand_like, model_u
 from meanflow.objectives.time_sampling import sample_time_pairs
@@ -60,8 +59,7 @@ def configure(cfg, row: str) -> tuple[str, set[str]]:
         cfg.objective.sg_lambda.start = cfg.objective.sg_lambda.end = 1.0
     if name == "imf" and cfg.model.family != "imf_dit":
         cfg.objective.imf.tangent = "boundary"
-    set_jvp_backend(cfg.objective.jvp_attention)
-    set_block_execution(cfg.engine.compile, cfg.engine.activation_checkpointing)
+    configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
     return name, set(variants)
 
 
@@ -137,8 +135,8 @@ class Row:
             return self.objective(self.engine.model, self.batches[step], step, self.ctx)[0]
 
     def run(self, steps) -> float:
-        set_jvp_backend(self.cfg.objective.jvp_attention)
-        set_block_execution(self.cfg.engine.compile, self.cfg.engine.activation_checkpointing)
+        configure_execution(self.cfg.objective.jvp_attention, self.cfg.engine.compile,
+                            self.cfg.engine.activation_checkpointing)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()

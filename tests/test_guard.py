@@ -196,3 +196,142 @@ def test_a_rollback_discards_the_abandoned_checkpoints(tmp_path):
         trainer.store.save(step, trainer.engine, {"step": step, "rng": []}, {"data": {}})
     trainer.store.discard_after(15)
     assert trainer.store.steps() == [10]
+
+
+# ------------------------------------------------------------------------------------------------ recovery, unit
+class CountingStream:
+    """A data stream reduced to its position: global batches read."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch, self.batches = global_batch, 0
+
+    def next_batch(self):
+        self.batches += 1
+
+    def skip(self, n_samples: int) -> None:
+        self.batches += n_samples // self.global_batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state["batches"]
+
+
+class ScalarEngine:
+    """An engine reduced to one parameter tensor."""
+
+    checkpoint_format = "torch"
+
+    def __init__(self):
+        import torch
+        self.weight = torch.zeros(())
+
+    def state_dict(self) -> dict:
+        return {"model": {"weight": self.weight}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight = state["model"]["weight"].clone()
+
+
+def recovery_for(tmp_path, **guard_overrides):
+    from meanflow.platform.checkpoint import CheckpointStore
+    from meanflow.platform.guard import Recovery, RollbackTargets
+
+    cfg = OmegaConf.merge(OmegaConf.structured(GuardConfig), guard_overrides)
+    engine, stream = ScalarEngine(), CountingStream(global_batch=8)
+    targets = RollbackTargets(engine, stream, CheckpointStore(str(tmp_path / "checkpoints")))
+    return Recovery(cfg, targets, global_batch=8, is_main=True), engine, stream
+
+
+def take_steps(recovery, engine, stream, state, n: int) -> list[float]:
+    """n healthy steps as the trainer takes them; returns the LR factors the recovery gave."""
+    from meanflow.platform.guard import Decision
+
+    factors = []
+    for _ in range(n):
+        stream.next_batch()
+        response = recovery.respond(Decision("apply"), state)
+        factors.append(response.lr_scale)
+        engine.weight = engine.weight + 1
+        state.step += 1
+        recovery.step_applied(state.step)
+    return factors
+
+
+def test_a_rollback_restores_the_snapshot_and_jumps_the_stream(tmp_path):
+    from meanflow.platform.guard import Decision
+    from meanflow.platform.train_state import TrainState
+
+    recovery, engine, stream = recovery_for(tmp_path, snapshot_every=10, skip_batches=2)
+    state = TrainState()
+    recovery.start(0)
+    take_steps(recovery, engine, stream, state, 13)                 # snapshot at step 10 (weight 10, 10 batches)
+    stream.next_batch()                                             # the offending step's batch: 14 read
+    response = recovery.respond(Decision("rollback", "nonfinite:loss", {"loss": math.nan}), state)
+    assert response.action == "rollback" and response.event["rollback_to"] == 10
+    assert (state.step, state.attempt, engine.weight.item()) == (10, 14, 10.0)
+    # from the snapshot's position (10) the stream jumps max(skip_batches = 2, 14 − 10 read since) batches: no batch
+    # already read is read again
+    assert stream.batches == 14 and response.event["skipped_samples"] == 4 * 8
+    assert state.unhealthy_since_save and state.saved_step is None   # step 10 was never committed
+
+
+def test_the_cooldown_scales_the_lr_for_its_attempts_after_a_rollback(tmp_path):
+    from meanflow.platform.guard import Decision
+    from meanflow.platform.train_state import TrainState
+
+    recovery, engine, stream = recovery_for(tmp_path, snapshot_every=5, cooldown_steps=3, cooldown_factor=0.1)
+    state = TrainState()
+    recovery.start(0)
+    assert take_steps(recovery, engine, stream, state, 7) == [1.0] * 7
+    recovery.respond(Decision("rollback", "nonfinite:loss"), state)
+    assert take_steps(recovery, engine, stream, state, 5) == [0.1, 0.1, 0.1, 1.0, 1.0]
+
+
+def test_a_non_finite_loss_stops_the_step_before_the_optimizer(tmp_path):
+    """torchtitan's invalid-loss test: one ``train_step`` with a fake objective and engine."""
+    import torch
+
+    class NaNObjective:
+        def __call__(self, model, batch, step, ctx):
+            return torch.tensor(math.nan, requires_grad=True), {"loss": torch.tensor(math.nan)}
+
+    class RecordingEngine:
+        name, model, ema_model, calls = "fake", None, None, []
+
+        def autocast(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def backward(self, loss, sync=True):
+            self.calls.append("backward")
+            return torch.tensor(1.0)
+
+        def apply(self, step, lr_scale=1.0):
+            self.calls.append("apply")
+
+        def skip(self):
+            self.calls.append("skip")
+
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "run.steps=1", "guard.snapshot_every=0")))
+    trainer.objective, trainer.engine = NaNObjective(), RecordingEngine()
+    trainer.targets.engine = trainer.engine
+    with pytest.raises(TrainingFailed, match="no healthy state to roll back to"):
+        trainer.train_step(trainer.stream.next_batch())
+    assert trainer.engine.calls == ["backward", "skip"] and trainer.step == 0
+    assert events(tmp_path, "fail")[0]["detector"] == "nonfinite:loss, nothing to roll back to"
+
+
+def test_a_rollback_to_a_committed_step_never_rewrites_it(tmp_path):
+    """Snapshots and checkpoints both every 10 steps: spikes at 40, 41, 42 roll back to the snapshot of step 40,
+    which is also committed (healthy). Training on must not save step 40 again (as unhealthy)."""
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "guard.inject.kind=loss_spike", "guard.inject.start=40",
+                                                  "guard.inject.count=3", "checkpoint.every=10",
+                                                  "checkpoint.keep_last=10")))
+    commit_40 = tmp_path / "checkpoints" / "step-00000040" / "COMMIT.json"
+    trainer.run()
+    [rollback] = events(tmp_path, "rollback")
+    assert rollback["rollback_to"] == 40 and rollback["source"] == "snapshot"
+    assert [e["step"] for e in events(tmp_path, "checkpoint")] == [10, 20, 30, 40, 50, 60]
+    assert json.loads(commit_40.read_text())["healthy"] is True

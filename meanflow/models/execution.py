@@ -25,6 +25,8 @@ import torch
 import torch.utils.checkpoint
 from torch.autograd import forward_ad as fwAD
 
+from .attention import set_jvp_backend
+
 COMPILE_MODES = ("none", "outside_jvp", "all")
 
 _compile_mode = "none"
@@ -37,6 +39,12 @@ def set_block_execution(compile_mode: str = "none", checkpointing: bool = False)
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"engine.compile: {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     _compile_mode, _checkpointing = compile_mode, checkpointing
+
+
+def configure_execution(jvp_attention: str, compile_mode: str = "none", checkpointing: bool = False) -> None:
+    """A training process's model execution settings: the attention backend under a tangent, and how blocks run."""
+    set_jvp_backend(jvp_attention)
+    set_block_execution(compile_mode, checkpointing)
 
 
 def _has_tangent(args) -> bool:

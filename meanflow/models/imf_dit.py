@@ -122,6 +122,8 @@ class VHead(nn.Module):
 class IMFDiT(nn.Module):
     """u_theta(x, h | y, omega, t_min, t_max); returns u, or (u, v) in training mode when built with a v-head."""
 
+    takes_guidance = True   # omega = (ω, t_min, t_max) is an input: guidance is chosen at sampling time
+
     def __init__(self, *, image_size, patch_size, in_channels, num_classes, depth, width, heads,
                  v_head=False, v_head_depth=8, prefix_tokens=PREFIX_TOKENS):
         super().__init__()

@@ -352,9 +352,9 @@ class GuardConfig:
     """More rollbacks than this within rollback_window attempts fail the run."""
     rollback_window: int = bounded(1000, ge=1)
     """Attempts over which rollbacks are counted."""
-    snapshot_every: int = bounded(50, ge=1)
+    snapshot_every: int = bounded(50, ge=0)
     """Steps between in-memory snapshots (replicated engines; sharded ones roll back to the newest healthy
-    committed checkpoint)."""
+    committed checkpoint). 0: none after the one taken at the start (roll back to checkpoints)."""
     skip_batches: int = bounded(256, ge=0)
     """Global batches the data stream jumps over after a rollback (exact and recorded)."""
     cooldown_steps: int = bounded(0, ge=0)

@@ -45,18 +45,20 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """Prints ``step 100/3000 | loss 0.41 | mse 12.3 | jvp_norm 2.3 | 41.2 steps/s | ETA 1m10s`` lines (log-file friendly)."""
+    """Prints ``step 100/3000 | loss 0.41 | mse 12.3 | jvp_norm 2.3 | 41.2 steps/s | ETA 1m10s`` lines (log-file
+    friendly). The rate counts attempted steps (a rollback moves the step back, never the work done), and the ETA
+    divides the steps still to go by it."""
 
     KEYS = ("loss", "mse", "jvp_norm", "grad_norm")
 
-    def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
+    def __init__(self, total_steps: int, start_attempt: int = 0, stream=sys.stdout):
         self.total, self.stream = total_steps, stream
-        self.last_time, self.last_step = time.perf_counter(), start_step
+        self.last_time, self.last_attempt = time.perf_counter(), start_attempt
 
-    def update(self, step: int, stats: dict[str, Any], extra: str = "") -> float:
+    def update(self, step: int, attempt: int, stats: dict[str, Any], extra: str = "") -> float:
         now = time.perf_counter()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, step
+        rate = (attempt - self.last_attempt) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_attempt = now, attempt
         values = to_jsonable(stats)
         parts = [f"step {step}/{self.total}"]
         parts += [f"{k} {values[k]:.4g}" for k in self.KEYS if k in values]

@@ -12,6 +12,7 @@ import torch
 
 from meanflow.objectives.base import model_u
 from meanflow.objectives.jvp import jvp
+from meanflow.objectives.samplers import guidance_conditions
 
 from .base import local_tensor
 
@@ -44,15 +45,18 @@ def _restore(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
 
 
 def jvp_smoke_test(engine, sample_shape: tuple[int, ...], num_classes: int, device: torch.device,
-                   seed: int = 0, batch: int = 2, conditions: torch.Tensor | None = None) -> float:
-    """Returns the relative error; raises EngineJVPError if the JVP fails or disagrees."""
+                   seed: int = 0, batch: int = 2) -> float:
+    """Returns the relative error; raises EngineJVPError if the JVP fails or disagrees. A model that takes
+    sampling guidance (``takes_guidance``: iMF-DiT) gets ω = 1 over the whole interval."""
     model = engine.model
     g = torch.Generator().manual_seed(seed)
     z, v = (torch.randn(batch, *sample_shape, generator=g).to(device) for _ in range(2))
     t = (0.2 + 0.6 * torch.rand(batch, generator=g)).to(device)
     r = t * 0.5
     y = torch.randint(num_classes, (batch,), generator=g).to(device) if num_classes else None
-    kwargs = {"y": y} if conditions is None else {"y": y, "omega": conditions.to(device)}
+    kwargs = {"y": y}
+    if getattr(model, "takes_guidance", False):
+        kwargs["omega"] = guidance_conditions(batch, 1.0, device=device)
 
     def u(z, t, r):
         return model_u(model(z, t=t, r=r, **kwargs))

@@ -1,4 +1,4 @@
-"""The training guard: decide, from one step's (already rank-reduced) stats, whether to apply, skip, roll back or
+"""The guard's detectors: decide, from one step's (already rank-reduced) stats, whether to apply, skip, roll back or
 fail. Pure logic, no tensors or collectives: every rank sees the same reduced values and so decides the same.
 
 Detectors (on the stats an objective reports; there is no ``jvp_norm`` for ``fm``):
@@ -123,14 +123,3 @@ class Guard:
         self.rollback_steps = deque(state["rollback_steps"])
         self.counts = dict(state["counts"])
 
-
-def injected_loss_factor(inject, attempt: int) -> float:
-    """Fault injection (tests): the factor the loss is multiplied by at this attempt (NaN, a spike, a ramp) or 1.
-    A NaN loss makes the gradients and every stat NaN, as an overflowing JVP does."""
-    if inject.kind == "none" or not inject.start <= attempt < inject.start + inject.count:
-        return 1.0
-    if inject.kind == "jvp_nan":
-        return math.nan
-    if inject.kind == "loss_spike":
-        return inject.factor
-    return (1.0 + inject.rate) ** (attempt - inject.start + 1)   # grad_ramp

@@ -1,0 +1,95 @@
+"""What a training job is made of, each built from its config section and checked against the others before the
+first step: the data stream, the engine (model, optimizer, EMA), the objective and its context, the checkpoint
+store, the guard's parts and the end-of-run evaluator. A failure of the user's making is a ``ConfigError`` naming
+the key (exit code 2)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from meanflow.data_pipeline import build_stream
+from meanflow.evaluation.evaluator import Evaluator, describe_data
+from meanflow.models import build_model
+from meanflow.models.execution import configure_execution
+from meanflow.objectives import ObjectiveContext, build_objective
+from meanflow.platform.checkpoint import CheckpointStore
+from meanflow.platform.config import ConfigError
+from meanflow.platform.distributed import DistEnv
+from meanflow.platform.engines import build_engine
+from meanflow.platform.guard import Guard, Recovery, RollbackTargets, build_fault_injector
+from meanflow.platform.storage import join
+
+from .preflight import check_batch_splits, check_data_fits_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: cuda requested but no GPU is visible")
+    return torch.device(name)
+
+
+def data_stream(cfg: DictConfig, env: DistEnv):
+    """This rank's stream of the global batches, checked against the model and the world."""
+    try:
+        stream = build_stream(cfg.data, cfg.run.seed, env.rank, env.world_size)
+    except (ValueError, OSError) as err:   # no manifest, missing shard, too few shards: bad input, exit 2
+        raise ConfigError(f"data: {err}") from err
+    check_data_fits_model(cfg.model, stream)
+    check_batch_splits(cfg.data.global_batch, env.world_size, cfg.optim.grad_accum)
+    return stream
+
+
+def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
+    """The engine ``engine.kind`` names, over identical initial weights on every rank, with the model's execution
+    settings (JVP attention backend, compiled and checkpointed blocks) in force."""
+    def model_factory():
+        torch.manual_seed(cfg.run.seed)                  # the same initial weights on every rank and rebuild
+        return build_model(cfg.model)
+
+    try:
+        configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
+        return build_engine(cfg.engine, cfg.optim, model_factory, device, env.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def objective_with_context(cfg: DictConfig, stream, env: DistEnv):
+    """The objective, and a function giving its context for a micro-batch's rows of the global batch. What an
+    objective needs beyond the model it declares (the marginal-velocity oracle), and the stream offers."""
+    objective = build_objective(cfg.objective, cfg.model.num_classes)
+    oracle = stream.marginal_velocity() if objective.needs_marginal_velocity else None
+
+    def context(rows: torch.Tensor, ema_model) -> ObjectiveContext:
+        return ObjectiveContext(seed=cfg.run.seed, global_batch=cfg.data.global_batch, rows=rows,
+                                ema_model=ema_model, rank=env.rank, world_size=env.world_size,
+                                marginal_velocity=oracle)
+
+    return objective, context
+
+
+def checkpoint_store(cfg: DictConfig, rank: int) -> CheckpointStore:
+    ckpt = cfg.checkpoint
+    return CheckpointStore(ckpt.url or join(cfg.run.run_dir, "checkpoints"), keep_last=ckpt.keep_last,
+                           keep_every=ckpt.keep_every, rank=rank, upload_timeout_s=ckpt.upload_timeout_s,
+                           max_outage_s=ckpt.max_outage_s, async_save=ckpt.async_save)
+
+
+def guard_parts(cfg: DictConfig, engine, stream, store, env: DistEnv):
+    """(detector or None when off, the recovery that carries decisions out, fault injection or None)."""
+    targets = RollbackTargets(engine, stream, store)
+    recovery = Recovery(cfg.guard, targets, cfg.data.global_batch, env.is_main)
+    return (Guard(cfg.guard) if cfg.guard.enabled else None), recovery, build_fault_injector(cfg.guard)
+
+
+def end_of_run_evaluator(cfg: DictConfig, device: torch.device, env: DistEnv) -> Evaluator | None:
+    """Built before training: a missing feature extractor or VAE fails now, not after the run."""
+    if not cfg.eval.at_end:
+        return None
+    try:
+        return Evaluator(cfg, describe_data(cfg.data, cfg.run.seed), device, env.rank, env.world_size,
+                         require_fid=False)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{err} (or eval.at_end=false to train without the end-of-run evaluation)") from err

@@ -1,0 +1,115 @@
+"""One live writer per run directory: a lease file, ``<run_dir>/LEASE.json``, that training rank 0 takes before
+it writes anything and renews while it trains.
+
+Without it, a run whose submitting process died (``--cluster local``: the job's processes live on) kept training,
+and a rerun trained a second copy into the same directory: interleaved metrics, shared step directories. A lease
+is free when it is absent, released, not renewed within its ``ttl_s`` (the holder died on another host), held by
+a dead process of this host, or held by an earlier instance of the same SLURM job (a requeued job restarts after
+its old instance has ended). Otherwise a second writer is refused with the holder's identity.
+
+Object stores have no compare-and-swap: two writers that start within the same second could both write the lease.
+The renewal thread reads it back every ``ttl_s / 4``; a writer that finds another holder there stops at its next
+step boundary (``lost``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+import warnings
+
+import psutil
+
+from .checkpoint import call_with_timeout
+from .config import ConfigError
+from .storage import filesystem, join, read_bytes, write_bytes_atomic
+
+LEASE = "LEASE.json"
+
+
+class RunDirBusy(ConfigError):
+    """Another live job writes this run directory (exit code 2: nothing was written)."""
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0   # the same process, not a reused pid
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class RunLease:
+    def __init__(self, run_dir: str, ttl_s: float = 120.0):
+        self.url, self.ttl_s = join(run_dir, LEASE), ttl_s
+        me = psutil.Process()
+        self.record = {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": me.pid,
+                       "started": me.create_time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+        self.lost = False
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(read_bytes(self.url))
+        except (FileNotFoundError, ValueError):   # absent, or torn by a writer killed mid-write: free
+            return None
+
+    def _free(self, held: dict | None) -> bool:
+        if held is None or held.get("holder") == self.record["holder"]:
+            return True
+        if time.time() - held.get("renewed", 0) > self.ttl_s:
+            return True
+        if held.get("host") == self.record["host"]:
+            return held.get("pid") == self.record["pid"] or not _process_alive(held["pid"], held.get("started", 0))
+        return bool(self.record["slurm_job_id"]) and held.get("slurm_job_id") == self.record["slurm_job_id"]
+
+    def _write(self) -> None:
+        write_bytes_atomic(self.url, json.dumps({**self.record, "renewed": time.time()}).encode())
+
+    def acquire(self) -> None:
+        """Take the lease or raise RunDirBusy naming the holder; then keep renewing it in a daemon thread."""
+        held = self._read()
+        if not self._free(held):
+            age = time.time() - held.get("renewed", 0)
+            raise RunDirBusy(f"run.run_dir: {self.url.rsplit('/', 1)[0]} is being written by another live job "
+                             f"(host {held.get('host')}, pid {held.get('pid')}, SLURM job "
+                             f"{held.get('slurm_job_id') or '-'}, lease renewed {age:.0f}s ago); stop it, or choose "
+                             f"another --run-dir (a dead holder's lease expires {self.ttl_s:g}s after its last "
+                             "renewal)")
+        self._write()
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="run-lease")
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                held = self._read()
+                if held is not None and held.get("holder") != self.record["holder"]:
+                    self.lost = True
+                    return
+                self._write()
+            except Exception as err:   # a store outage: the checkpoint path decides when the run must stop
+                warnings.warn(f"could not renew the run lease {self.url}: {type(err).__name__}: {err}", stacklevel=1)
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._renewer is None:
+            return
+        self._renewer.join(timeout=5)
+        self._renewer = None
+
+        def remove_if_ours():
+            held = self._read()
+            if held is not None and held.get("holder") == self.record["holder"]:
+                fs, path = filesystem(self.url)
+                fs.rm(path)
+
+        try:   # bounded: a frozen store must not hang the exit (the lease then expires by itself)
+            call_with_timeout(remove_if_ours, self.ttl_s / 4)
+        except Exception as err:
+            warnings.warn(f"could not release the run lease {self.url}: {type(err).__name__}: {err}", stacklevel=1)

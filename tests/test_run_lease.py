@@ -1,0 +1,81 @@
+"""One live writer per run directory: the lease that training rank 0 takes before writing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from meanflow.jobs.train import Trainer
+from meanflow.platform.config import ConfigError, load_config
+from meanflow.platform.run_lease import LEASE, RunDirBusy, RunLease
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def write_lease(run_dir, *, host: str, pid: int, started: float, renewed: float, job: str | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LEASE).write_text(json.dumps({"holder": "someone-else", "host": host, "pid": pid, "started": started,
+                                             "slurm_job_id": job, "renewed": renewed}))
+
+
+@pytest.fixture
+def live_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid, psutil.Process(proc.pid).create_time()
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def toy(run_dir) -> list[str]:
+    return [f"run.run_dir={run_dir}", "run.steps=4", "eval.at_end=false"]
+
+
+def test_a_second_live_writer_is_refused_and_nothing_is_written(tmp_path, live_process):
+    pid, started = live_process
+    write_lease(tmp_path, host=socket.gethostname(), pid=pid, started=started, renewed=time.time())
+    with pytest.raises(ConfigError, match=rf"being written by another live job \(host .*, pid {pid}"):
+        Trainer(load_config("toy2d_mf", toy(tmp_path))).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEASE]            # no config, metrics or checkpoint
+
+
+def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(proc.pid).create_time()
+    proc.wait(timeout=30)
+    write_lease(tmp_path, host=socket.gethostname(), pid=proc.pid, started=started, renewed=time.time())
+    Trainer(load_config("toy2d_mf", toy(tmp_path))).run()
+    assert (tmp_path / "checkpoints" / "step-00000004" / "COMMIT.json").exists()
+    assert not (tmp_path / LEASE).exists()                                 # released at the end
+
+
+@pytest.mark.parametrize("age_s, job, free", [(5, None, False), (500, None, True), (5, "77", True)])
+def test_another_hosts_lease_is_free_when_expired_or_held_by_the_same_slurm_job(tmp_path, monkeypatch, age_s, job,
+                                                                               free):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    write_lease(tmp_path, host="node-that-is-not-this-one", pid=1, started=0.0, renewed=time.time() - age_s, job=job)
+    lease = RunLease(str(tmp_path), ttl_s=120)
+    if free:
+        lease.acquire()
+        assert json.loads((tmp_path / LEASE).read_text())["holder"] == lease.record["holder"]
+        lease.release()
+    else:
+        with pytest.raises(RunDirBusy, match="node-that-is-not-this-one"):
+            lease.acquire()
+
+
+def test_a_holder_that_finds_another_writer_in_its_lease_marks_it_lost(tmp_path):
+    lease = RunLease(str(tmp_path), ttl_s=0.4)
+    lease.acquire()
+    write_lease(tmp_path, host="elsewhere", pid=1, started=0.0, renewed=time.time())
+    deadline = time.monotonic() + 10
+    while not lease.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.lost
+    lease.release()
+    assert json.loads((tmp_path / LEASE).read_text())["host"] == "elsewhere"   # not ours: left alone
