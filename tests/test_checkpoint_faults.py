@@ -1,8 +1,9 @@
-"""The checkpoint store under faults: a writer killed mid-save, a corrupted file, a frozen object store, and the
-retention rules."""
+"""The checkpoint store under faults: a writer killed mid-save, a corrupted file or commit record, a frozen object
+store, a deleter killed at exit, a stale listing, a missing bucket, and the retention rules."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from meanflow.jobs.train import Trainer
 from meanflow.platform import checkpoint
 from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
 from meanflow.platform.config import load_config
+from meanflow.platform.storage import write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
@@ -133,3 +136,113 @@ def test_store_down_longer_than_max_outage_stops_the_run_loudly(s3_server, s3_bu
     finally:
         checkpoint.disarm_fault_hooks()
         os.kill(s3_server.process.pid, signal.SIGCONT)
+
+
+def toy_engine(tmp_path):
+    return Trainer(load_config("toy2d_mf", toy_overrides(tmp_path, steps=1))).engine
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_newest_commit_record_resumes_from_the_previous_step(damage, tmp_path):
+    Trainer(load_config("toy2d_mf", toy_overrides(tmp_path)), stdout=io.StringIO()).run()
+    record = tmp_path / "checkpoints" / "step-00000020" / "COMMIT.json"
+    record.write_bytes(record.read_bytes()[:len(record.read_bytes()) // 2] if damage == "truncated" else b"")
+    out = io.StringIO()
+    with pytest.warns(UserWarning, match="step 20 is not committed: .*COMMIT.json is damaged"):
+        Trainer(load_config("toy2d_mf", toy_overrides(tmp_path)), stdout=out).run()
+    assert "at step 15" in out.getvalue()
+    assert CheckpointStore(str(tmp_path / "checkpoints")).latest() == 20   # committed again by the resumed run
+
+
+def test_a_committed_step_is_never_rewritten(tmp_path):
+    engine, store = toy_engine(tmp_path), CheckpointStore(str(tmp_path / "ckpt"))
+    store.save(5, engine, {"step": 5}, {"first": True})
+    record = (tmp_path / "ckpt" / "step-00000005" / "COMMIT.json").read_bytes()
+    with pytest.raises(CheckpointError, match=r"ckpt/step-00000005 is already committed"):
+        store.save(5, engine, {"step": 5}, {"first": False})
+    assert (tmp_path / "ckpt" / "step-00000005" / "COMMIT.json").read_bytes() == record
+
+
+def test_a_deletion_killed_midway_never_leaves_a_committed_step(tmp_path, monkeypatch):
+    engine, store = toy_engine(tmp_path), CheckpointStore(str(tmp_path / "ckpt"), keep_last=10)
+    for step in (5, 10):
+        store.save(step, engine, {"step": step}, {})
+        store.wait_for_pruning()
+    rm = store.fs.rm
+
+    def killed_after_one_file(path, recursive=False, **kwargs):   # the process dies inside the deletion
+        rm(path, recursive=recursive, **kwargs)
+        raise KeyboardInterrupt("process exit")
+
+    monkeypatch.setattr(store.fs, "rm", killed_after_one_file)
+    store.keep_last = 1
+    with pytest.raises(KeyboardInterrupt):
+        store.prune()
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt" / "step-00000005" / "model.pt").exists()   # half deleted ...
+    assert store.steps() == [10]                                            # ... and not committed
+
+
+def test_the_next_commit_removes_what_dead_writers_and_deleters_left(tmp_path):
+    engine, store = toy_engine(tmp_path), CheckpointStore(str(tmp_path / "ckpt"), keep_last=2)
+    for step in (5, 10):
+        store.save(step, engine, {"step": step}, {})
+        store.wait_for_pruning()
+    (tmp_path / "ckpt" / "step-00000005" / "ema.pt").unlink()             # a deleter killed at exit
+    for leftover in (7, 12):               # a writer killed mid-save; newer than the commit below (may be in flight)
+        (tmp_path / "ckpt" / f"step-{leftover:08d}").mkdir()
+        (tmp_path / "ckpt" / f"step-{leftover:08d}" / "model.pt").write_bytes(b"partial")
+    store.save(11, engine, {"step": 11}, {})
+    store.close()
+    assert store.steps() == [10, 11]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000010", "step-00000011",
+                                                                      "step-00000012"]
+
+
+def test_close_gives_a_running_retention_pass_a_bounded_time(tmp_path, monkeypatch):
+    engine, store = toy_engine(tmp_path), CheckpointStore(str(tmp_path / "ckpt"), keep_last=1)
+    store.save(5, engine, {"step": 5}, {})
+    store.close()
+    release, scan = threading.Event(), store.scan
+    monkeypatch.setattr(store, "scan", lambda: (release.wait(30), scan())[1])   # a store answering slowly
+    store.save(10, engine, {"step": 10}, {})
+    with pytest.warns(UserWarning, match="retention pass .* still running after 0.2s"):
+        store.close(timeout_s=0.2)
+    release.set()
+    store.close(timeout_s=30)
+    monkeypatch.undo()
+    assert store.steps() == [10]
+
+
+def test_a_store_sees_a_commit_made_by_another_process_after_it_listed(s3_bucket, tmp_path):
+    """A long-lived process (an evaluation watcher, status) listed the run directory before the first commit; a
+    commit made elsewhere (here: another thread, so another s3fs instance with its own cache) must show."""
+    engine = toy_engine(tmp_path)
+    reader = CheckpointStore(f"{s3_bucket}/run/ckpt")
+    reader.fs.pipe(f"{s3_bucket}/run/config.yaml", b"{}")
+    reader.fs.ls(f"{s3_bucket}/run")   # cached: a run directory without ckpt/
+    assert reader.steps() == []
+
+    def commit_elsewhere():
+        writer = CheckpointStore(f"{s3_bucket}/run/ckpt")
+        writer.save(5, engine, {"step": 5}, {})
+        writer.close()
+
+    thread = threading.Thread(target=commit_elsewhere)
+    thread.start()
+    thread.join()
+    assert reader.steps() == [5]
+
+
+def test_a_missing_bucket_is_an_error_naming_it_never_created(s3_server, tmp_path):
+    fs = fsspec.filesystem("s3")
+    with pytest.raises(FileNotFoundError, match="bucket no-such-bucket does not exist"):
+        write_bytes_atomic("s3://no-such-bucket/run/config.yaml", b"{}")
+    store = CheckpointStore("s3://no-such-bucket/ckpt")
+    with pytest.raises(FileNotFoundError, match="s3://no-such-bucket/ckpt/step-00000005/.*bucket no-such-bucket"):
+        store.save(5, toy_engine(tmp_path), {"step": 5}, {})
+    assert store.upload_retries == 0          # not an outage: no retries for checkpoint.max_outage_s
+    fs.invalidate_cache()
+    assert not fs.exists("no-such-bucket")
+    write_bytes_atomic(str(tmp_path / "new" / "dir" / "file"), b"x")   # local directories are still created
+    assert (tmp_path / "new" / "dir" / "file").read_bytes() == b"x"
