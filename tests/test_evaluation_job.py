@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -106,6 +107,19 @@ def test_export_loads_without_the_training_stack_and_samples_like_sample(s3_run,
                omega=guidance_conditions(16, 2.0))
     assert np.array_equal(to_uint8(x).numpy(), saved["images_uint8"])
     assert np.array_equal(saved["label"], sample_labels(idx, 10, 1234).numpy())
+
+
+def test_export_names_an_out_it_cannot_write(s3_run, tmp_path, capsys):
+    (tmp_path / "somefile").write_text("")
+    outs = [(tmp_path / "somefile" / "model.safetensors", f"{tmp_path / 'somefile'} is a file"),   # under a file
+            (tmp_path, "is a directory")]
+    if Path("/sys").is_dir():   # read-only for every user, root included
+        outs.append((Path("/sys/meanflow-test/model.safetensors"), "cannot write there"))
+    for out, why in outs:
+        assert submit(["export", "--run-dir", s3_run, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --out {out}: " in err and why in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["somefile"]
 
 
 def test_plot_draws_training_and_eval_metrics(s3_run, capsys):

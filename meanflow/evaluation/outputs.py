@@ -18,6 +18,13 @@ from .evaluator import SettingResult, guidance_tag
 from .images import save_image_grid, save_scatter_png
 
 
+def describe_metrics(metrics: dict) -> str:
+    """One setting's result as a log line: ``guidance {...}, fid 12.3, is_mean 4.5, ...``."""
+    keys = ("guidance", "fid", "is_mean", "class_accuracy", "sw1", "sw2", "samples_per_s")
+    return ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
+                     for k in keys if metrics.get(k) is not None)
+
+
 def step_dir(run_dir: str, step: int) -> str:
     return join(run_dir, "eval", f"step-{step:08d}")
 

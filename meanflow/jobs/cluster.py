@@ -1,4 +1,4 @@
-"""Submitting jobs through submitit, and the run's ledger of them.
+"""Submitting jobs through submitit (the training job's executor, evaluation jobs), and the run's ledger of them.
 
 One executor per job: ``slurm`` (sbatch on a SLURM cluster), ``local`` (submitit's local executor: real
 subprocesses on this machine, one per task) or ``debug`` (in-process, for breakpoints). Tasks: one per GPU
@@ -22,9 +22,9 @@ from meanflow.platform.config import ConfigError
 from meanflow.platform.metrics import MetricsSink
 from meanflow.platform.storage import join, read_bytes
 
-from .preemption import SLURM_SIGNAL_RESOLUTION_S
-
 KINDS = ("slurm", "local", "debug")
+# sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
+SLURM_SIGNAL_RESOLUTION_S = 60
 
 
 def minutes(text: str, key: str) -> int:
@@ -50,21 +50,29 @@ def submission_folder(cluster, run_name: str, job: str) -> Path:
     return Path(cluster.log_dir).resolve() / run_name / f"{job}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def make_executor(cluster, kind: str, folder: Path, name: str, *, nodes: int, tasks: int, gpus: int, time: str,
-                  time_key: str, dependency: str | None = None, nice: int | None = None) -> submitit.AutoExecutor:
-    """An executor for one job. SLURM settings come from the ``cluster:`` section; on ``local``/``debug`` only
-    the task count matters."""
+def time_limit_min(cluster, kind: str, time: str, time_key: str) -> int:
+    """A job's time limit in minutes, refused (with ``--cluster``) where the job could not run: checked by
+    make_executor, and before anything is submitted for the jobs submitted later."""
     if kind not in KINDS:
         raise ConfigError(f"--cluster: {kind!r} is not one of {', '.join(KINDS)}")
-    # submitit's own timeout counter is off (0): the job requeues itself after a collective save (preemption.py)
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind,
-                                     **({"slurm_max_num_timeout": 0} if kind == "slurm" else {}))
-    params = {"name": name, "nodes": nodes, "tasks_per_node": tasks, "timeout_min": minutes(time, time_key)}
-    if kind == "slurm" and params["timeout_min"] * 60 <= cluster.signal_delay_s + SLURM_SIGNAL_RESOLUTION_S:
+    limit = minutes(time, time_key)
+    if kind == "slurm" and limit * 60 <= cluster.signal_delay_s + SLURM_SIGNAL_RESOLUTION_S:
         # else USR2 can arrive before the job has started, and kill it before any handler is installed
         raise ConfigError(f"{time_key}={time!r} is too short for the USR2 that SLURM sends cluster.signal_delay_s="
                           f"{cluster.signal_delay_s} s before the limit (and up to {SLURM_SIGNAL_RESOLUTION_S} s "
                           f"earlier still): raise {time_key} or lower cluster.signal_delay_s")
+    return limit
+
+
+def make_executor(cluster, kind: str, folder: Path, name: str, *, nodes: int, tasks: int, gpus: int, time: str,
+                  time_key: str, dependency: str | None = None, nice: int | None = None) -> submitit.AutoExecutor:
+    """An executor for one job. SLURM settings come from the ``cluster:`` section; on ``local``/``debug`` only
+    the task count matters."""
+    timeout_min = time_limit_min(cluster, kind, time, time_key)
+    # submitit's own timeout counter is off (0): the job requeues itself after a collective save (preemption.py)
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind,
+                                     **({"slurm_max_num_timeout": 0} if kind == "slurm" else {}))
+    params = {"name": name, "nodes": nodes, "tasks_per_node": tasks, "timeout_min": timeout_min}
     if gpus:
         params["gpus_per_node"] = gpus
     if cluster.cpus_per_task:
@@ -90,6 +98,27 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
     """The sbatch script ``submit`` would write (submitit's own renderer; no job is created)."""
     inner = executor._executor   # submitit's SlurmExecutor: renders with the exact submit command
     return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def eval_executor(cfg, kind: str, dependency: str | None = None, nice: int | None = None) -> submitit.AutoExecutor:
+    """An evaluation job's executor (``eval.tasks`` tasks on one node, ``eval.time``)."""
+    cluster = cfg.cluster
+    gpus = min(cfg.eval.tasks, cluster.gpus_per_node) if cluster.gpus_per_node else 0
+    return make_executor(cluster, kind, submission_folder(cluster, cfg.run.name, "eval"), f"eval-{cfg.run.name}",
+                         nodes=1, tasks=cfg.eval.tasks, gpus=gpus, time=cfg.eval.time, time_key="eval.time",
+                         dependency=dependency, nice=nice)
+
+
+def submit_eval(cfg, kind: str, job, what: str, dependency: str | None = None, nice: int | None = None):
+    """Submit an evaluation job (a job_callables.EvalJob) for a run, from a login node or from inside a training
+    job: submitit's clean_env drops the training job's SLURM variables so they do not leak into the new job."""
+    executor = eval_executor(cfg, kind, dependency, nice)
+    with submitit.helpers.clean_env():
+        submitted = executor.submit(job)
+    record_job(cfg.run.run_dir, {"event": "submitted", "job_id": submitted.job_id, "kind": "eval", "what": what,
+                                 "cluster": kind, "folder": str(submitted.paths.folder),
+                                 **({"dependency": dependency} if dependency else {})})
+    return submitted
 
 
 # ----------------------------------------------------------------------------------------------- ledger

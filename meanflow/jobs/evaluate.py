@@ -19,52 +19,13 @@ import torch
 from omegaconf import DictConfig
 
 from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_settings
-from meanflow.evaluation.outputs import is_evaluated, write_results
-from meanflow.models import build_model
-from meanflow.models.execution import set_block_execution
-from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
-from meanflow.platform.config import ConfigError, load_config_text
+from meanflow.evaluation.outputs import describe_metrics, is_evaluated, write_results
+from meanflow.platform.checkpoint import CheckpointStore
+from meanflow.platform.config import ConfigError
 from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown
-from meanflow.platform.storage import join, read_bytes
 
-from .train import describe_metrics
-
-
-def load_run_config(run_dir: str, overrides: list[str] | None = None) -> DictConfig:
-    url = join(run_dir, "config.yaml")
-    try:
-        text = read_bytes(url).decode()
-    except FileNotFoundError:
-        raise ConfigError(f"--run-dir {run_dir}: no config.yaml there (not a run directory)") from None
-    return load_config_text(text, url, overrides)
-
-
-def open_store(cfg: DictConfig, run_dir: str, rank: int = 0) -> CheckpointStore:
-    return CheckpointStore(cfg.checkpoint.url or join(run_dir, "checkpoints"), rank=rank)
-
-
-def resolve_step(store: CheckpointStore, step: int | None) -> int:
-    """``step``, or the newest committed one; an error names the store when it holds no such commit."""
-    steps = store.steps()
-    if not steps:
-        raise ConfigError(f"--run-dir: {store.url} holds no committed checkpoint")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise ConfigError(f"--step {step}: not a committed step in {store.url} (committed: {steps})")
-    return step
-
-
-def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, device) -> tuple[torch.nn.Module, str]:
-    """The model the config describes with a committed step's EMA weights (or the model's, without EMA)."""
-    set_block_execution(cfg.engine.compile)   # sampling is compiled as training's plain forwards are
-    model = build_model(cfg.model)
-    try:
-        state, which = store.load_weights(step, model.state_dict())
-    except CheckpointError as err:
-        raise ConfigError(f"--step {step}: {err}") from err
-    model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False), which
+from .outcome import run_command
+from .run_dir import load_run_config, load_sampling_model, open_store, resolve_step
 
 
 def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: bool = False,
@@ -158,8 +119,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .submit import run_command
-
     p = argparse.ArgumentParser(prog="python -m meanflow.jobs.evaluate", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run_command(run, p.parse_args(argv))

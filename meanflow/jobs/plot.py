@@ -16,7 +16,7 @@ from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
 def read_jsonl(url: str) -> list[dict]:
     try:
         text = read_bytes(url).decode()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # no such run, or a file given as --run-dir
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

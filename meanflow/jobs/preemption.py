@@ -22,9 +22,6 @@ import time
 
 import psutil
 
-# sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
-SLURM_SIGNAL_RESOLUTION_S = 60
-
 
 class Preempted(Exception):
     """Raised by the trainer after the collective save that a stop request triggered."""
@@ -52,7 +49,8 @@ class StopFlag:
 def requeue(run_dir: str, flag: StopFlag, time_limit_min: int, signal_delay_s: int, max_requeues: int,
             step: int) -> bool:
     """Rank 0, after the save: requeue this SLURM job unless it timed out too often. Returns whether it did."""
-    from .cluster import read_ledger, record_job   # (not at the top: the flag is installed before torch loads)
+    # (not at the top: the flag is installed before torch loads)
+    from .cluster import SLURM_SIGNAL_RESOLUTION_S, read_ledger, record_job
 
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:

@@ -17,7 +17,8 @@ from meanflow.evaluation.sampling import generate
 from meanflow.objectives import guidance_conditions
 from meanflow.platform.storage import join, write_bytes_atomic
 
-from .evaluate import guidance_override, load_run_config, load_sampling_model, open_store, resolve_step
+from .evaluate import guidance_override
+from .run_dir import load_run_config, load_sampling_model, open_store, resolve_step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

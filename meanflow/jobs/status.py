@@ -9,6 +9,7 @@ import subprocess
 
 from .cluster import read_ledger
 from .plot import read_jsonl
+from .run_dir import load_run_config, open_store
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +36,6 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from .evaluate import load_run_config, open_store
-
     cfg = load_run_config(args.run_dir)
     ledger = read_ledger(args.run_dir)
     submitted = [r for r in ledger if r.get("event") == "submitted"]

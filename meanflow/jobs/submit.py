@@ -1,11 +1,13 @@
-"""``python jobs/submit.py --cluster local --config tiny_imf [key=value ...]``: the user's entry point.
+"""``python jobs/submit.py --cluster local --config tiny_imf [key=value ...]``: the user's entry point (argument
+parsing; submit_training.py submits, job_callables.py is what runs inside the jobs).
 
 Training is the default command; the others act on a run directory:
     eval    score committed steps (FID/IS or SW)      sample  samples of a step as PNG + .npz
     export  EMA weights + model config (safetensors)  plot    loss, jvp_norm and FID vs step as a PNG
     status  jobs and their states, committed steps, last metrics, guard events, evaluations
 
-Exit codes: 0 done; 1 training failed; 2 bad input (config key, file, URL, or flag), with a message naming it.
+Exit codes (outcome.py): 0 done; 1 training failed; 2 bad input (config key, file, URL, or flag), with a message
+naming it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meanflow.platform.config import ConfigError, load_config
+from meanflow.platform.config import load_config
 
-COMMANDS = ("eval", "sample", "export", "plot", "status")
+from .outcome import run_command
+
+# command -> the module with its add_arguments(parser) and run(args), imported only when the command runs
+COMMANDS = {"eval": "meanflow.jobs.evaluate", "sample": "meanflow.jobs.sample", "export": "meanflow.jobs.export",
+            "plot": "meanflow.jobs.plot", "status": "meanflow.jobs.status"}
 
 
 def parse_train_args(argv):
@@ -49,23 +55,8 @@ def train(args) -> int:
     overrides += [f"cluster.{key}='{getattr(args, key)}'" if isinstance(getattr(args, key), str)
                   else f"cluster.{key}={getattr(args, key)}" for key in CLUSTER_FLAGS if getattr(args, key) is not None]
     cfg = load_config(args.config, overrides)
-    from meanflow.jobs.launch import launch_training   # heavy imports after the config is valid
-    return launch_training(cfg, args.cluster, dry_run=args.dry_run)
-
-
-def run_command(fn, args) -> int:
-    """Run a command, mapping failures to exit codes: bad input 2 (config, missing file or URL), failed 1."""
-    from meanflow.jobs.train import TrainingFailed
-    from meanflow.platform.engines import EngineJVPError
-
-    try:
-        return fn(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingFailed, EngineJVPError) as err:
-        print(f"failed: {err}", file=sys.stderr)
-        return 1
+    from meanflow.jobs.submit_training import submit_training   # heavy imports after the config is valid
+    return submit_training(cfg, args.cluster, dry_run=args.dry_run)
 
 
 def main(argv=None) -> int:
@@ -73,7 +64,7 @@ def main(argv=None) -> int:
     if argv and argv[0] in COMMANDS:
         import importlib
 
-        module = importlib.import_module(f"meanflow.jobs.{'evaluate' if argv[0] == 'eval' else argv[0]}")
+        module = importlib.import_module(COMMANDS[argv[0]])
         p = argparse.ArgumentParser(prog=f"jobs/submit.py {argv[0]}", description=module.__doc__.splitlines()[0])
         module.add_arguments(p)
         return run_command(module.run, p.parse_intermixed_args(argv[1:]))

@@ -1,9 +1,11 @@
-"""What submitit runs: the training job, the evaluation job, and the evaluation watcher (picklable callables).
+"""What runs inside a job: the training job, the evaluation job, and the evaluation watcher (picklable callables
+that submit_training.py hands to submitit), and training rank 0's scheduler of evaluation jobs.
 
 Each task reads its rank, world size and master address from submitit's job environment (exported as the
 torchrun variables the platform reads), so the same code runs under ``--cluster slurm|local|debug``. A callable
-returns ``{"exit_code", "message"}`` instead of raising for the outcomes a user must read (bad input 2, training
-failed 1): the submitting command prints the message and exits with the code.
+returns ``{"exit_code", "message"}`` instead of raising for the outcomes a user must read (outcome.py): the
+submitting command prints the message and exits with the code. Imports at the top stay light: unpickling a job
+imports this module before the USR2 handler is installed, and that must happen before torch loads.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 import time
 import traceback
 
-from meanflow.platform.config import ConfigError, load_config_text
+from meanflow.platform.config import load_config_text
+
+from .outcome import job_result
 
 
 def export_distributed_env() -> None:
@@ -23,20 +27,6 @@ def export_distributed_env() -> None:
 
     if submitit.JobEnvironment().num_tasks > 1 or "RANK" not in os.environ:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def outcome(fn) -> dict:
-    """Run ``fn`` mapping the user-facing failures to exit codes (anything else raises: a bug shows its trace)."""
-    from meanflow.jobs.train import TrainingFailed
-    from meanflow.platform.engines import EngineJVPError
-
-    try:
-        fn()
-        return {"exit_code": 0, "message": ""}
-    except (ConfigError, FileNotFoundError) as err:
-        return {"exit_code": 2, "message": f"error: {err}"}
-    except (TrainingFailed, EngineJVPError) as err:
-        return {"exit_code": 1, "message": f"failed: {err}"}
 
 
 class TrainJob:
@@ -49,7 +39,7 @@ class TrainJob:
         # first, before torch is imported: until then a USR2 would reach submitit's handler, which fails the job
         flag = StopFlag().install() if self.cluster_kind == "slurm" else None
         from meanflow.jobs.cluster import minutes, record_job
-        from meanflow.jobs.train import Trainer
+        from meanflow.jobs.train import Trainer   # torch, at last
 
         export_distributed_env()
         cfg = load_config_text(self.config_yaml, "the submitted config")
@@ -58,8 +48,12 @@ class TrainJob:
         if rank == 0 and "SLURM_JOB_ID" in os.environ:
             record_job(cfg.run.run_dir, {"event": "start", "job_id": os.environ["SLURM_JOB_ID"], "kind": "train",
                                          "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+
+        def train() -> None:
+            Trainer(cfg, preemption=flag, on_commit=scheduler).run()
+
         try:
-            return outcome(lambda: Trainer(cfg, preemption=flag, on_commit=scheduler).run())
+            return job_result(train)
         except Preempted as stop:
             if rank == 0:
                 requeued = requeue(cfg.run.run_dir, flag, minutes(cfg.cluster.time, "cluster.time"),
@@ -86,13 +80,15 @@ class EvalJob:
     def __call__(self) -> dict:
         from meanflow.jobs.evaluate import evaluate_steps
 
+        def evaluate() -> None:
+            evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides)
+
         export_distributed_env()
-        if not self.watch:
-            return outcome(lambda: evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides))
-        return outcome(self._watch)
+        return job_result(self._watch if self.watch else evaluate)
 
     def _watch(self, poll_s: float = 30.0) -> None:
-        from meanflow.jobs.evaluate import evaluate_steps, load_run_config, open_store
+        from meanflow.jobs.evaluate import evaluate_steps
+        from meanflow.jobs.run_dir import load_run_config, open_store
 
         cfg = load_run_config(self.run_dir, self.overrides)
         store = open_store(cfg, self.run_dir)
@@ -120,28 +116,9 @@ class EvalScheduler:
     def __call__(self, step: int) -> None:
         if step % self.cfg.eval.every or step >= self.cfg.run.steps:
             return
+        from meanflow.jobs.cluster import submit_eval
+
         try:
             submit_eval(self.cfg, self.cluster_kind, EvalJob(self.cfg.run.run_dir, [step]), f"step {step}")
         except Exception:   # a failed submission must not kill training; the step can be evaluated by hand
             print(f"could not submit the evaluation of step {step}:\n{traceback.format_exc()}", file=sys.stderr)
-
-
-def submit_eval(cfg, cluster_kind: str, job: EvalJob, what: str, dependency: str | None = None,
-                nice: int | None = None):
-    """Submit an evaluation job for a run (from a login node, or from inside a training job: submitit's
-    clean_env drops the training job's SLURM variables so they do not leak into the new job)."""
-    import submitit
-
-    from meanflow.jobs.cluster import make_executor, record_job, submission_folder
-
-    cluster = cfg.cluster
-    gpus = min(cfg.eval.tasks, cluster.gpus_per_node) if cluster.gpus_per_node else 0
-    executor = make_executor(cluster, cluster_kind, submission_folder(cluster, cfg.run.name, "eval"),
-                             f"eval-{cfg.run.name}", nodes=1, tasks=cfg.eval.tasks, gpus=gpus, time=cfg.eval.time,
-                             time_key="eval.time", dependency=dependency, nice=nice)
-    with submitit.helpers.clean_env():
-        submitted = executor.submit(job)
-    record_job(cfg.run.run_dir, {"event": "submitted", "job_id": submitted.job_id, "kind": "eval", "what": what,
-                                 "cluster": cluster_kind, "folder": str(submitted.paths.folder),
-                                 **({"dependency": dependency} if dependency else {})})
-    return submitted

@@ -1,9 +1,12 @@
-"""Submitting a training run: the training job, its final evaluation (``afterok`` on SLURM), an evaluation watcher
-if asked for; ``--dry-run`` prints the sbatch script and the resolved config instead. On ``local`` and ``debug``
-the command waits for the job and shows rank 0's output as it comes."""
+"""Submitting a training run (on the login node, or wherever ``jobs/submit.py`` runs): the training job, its final
+evaluation (``afterok`` on SLURM), an evaluation watcher if asked for; ``--dry-run`` prints the sbatch script and the
+resolved config instead. Whatever can refuse the run is checked before the first job is submitted and recorded in
+``<run>/jobs.jsonl``. On ``local`` and ``debug`` the command waits for the job and shows rank 0's output as it comes.
+What runs inside the jobs is in job_callables.py."""
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -11,29 +14,42 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from meanflow.platform.config import save_config
+from meanflow.platform.train_state import git_sha
 
-from .cluster import make_executor, record_job, sbatch_script, submission_folder, tasks_per_node
-from .submitted import EvalJob, TrainJob, submit_eval
+from .cluster import make_executor, record_job, sbatch_script, submission_folder, submit_eval, tasks_per_node, \
+    time_limit_min
+from .job_callables import EvalJob, TrainJob
+from .run_dir import check_training_run_dir
 
 
-def launch_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=None) -> int:
+def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=None) -> int:
+    """Submit ``cfg`` (left as it is: the jobs get adjusted copies) to ``kind``'s cluster."""
     stdout = stdout or sys.stdout
     cluster, run_dir = cfg.cluster, cfg.run.run_dir
     tasks = tasks_per_node(cluster)
     final_eval_job = kind == "slurm" and cfg.eval.at_end
+    watcher = kind == "slurm" and bool(cfg.eval.every) and cfg.eval.mode == "watcher"
+    train_cfg = copy.deepcopy(cfg)
     if final_eval_job:   # on SLURM the final evaluation is its own job, run after training succeeds
-        cfg.eval.at_end = False
+        train_cfg.eval.at_end = False
+    watcher_cfg = copy.deepcopy(cfg)
+    # one poller: ranks polling on their own could disagree on the steps to evaluate
+    watcher_cfg.eval.tasks = 1
+    # Refusals first: nothing is created, submitted or recorded for a run that would be refused.
+    time_limit_min(cluster, kind, cluster.time, "cluster.time")
+    if final_eval_job or cfg.eval.every:   # and not once training is queued, by the first evaluation's submission
+        time_limit_min(cluster, kind, cfg.eval.time, "eval.time")
+    if not dry_run:   # (a dry run reads no storage)
+        check_training_run_dir(cfg, cluster.nodes * tasks)
     folder = submission_folder(cluster, cfg.run.name, "train")
     executor = make_executor(cluster, kind, folder, f"train-{cfg.run.name}", nodes=cluster.nodes, tasks=tasks,
                              gpus=cluster.gpus_per_node, time=cluster.time, time_key="cluster.time")
     if dry_run:
         script = sbatch_script(executor) if kind == "slurm" else (
             f"# --cluster {kind}: no sbatch script; {cluster.nodes * tasks} process(es) on this machine")
-        print(f"{script}\n# ---- resolved config ----\n{save_config(cfg)}", file=stdout, end="")
+        print(f"{script}\n# ---- resolved config ----\n{save_config(train_cfg)}", file=stdout, end="")
         return 0
-    from meanflow.jobs.train import git_sha
-
-    job = executor.submit(TrainJob(save_config(cfg), kind))
+    job = executor.submit(TrainJob(save_config(train_cfg), kind))
     record_job(run_dir, {"event": "submitted", "job_id": job.job_id, "kind": "train", "cluster": kind,
                          "nodes": cluster.nodes, "tasks_per_node": tasks, "folder": str(folder),
                          "git_sha": git_sha()})
@@ -45,10 +61,9 @@ def launch_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
         final = submit_eval(cfg, kind, EvalJob(run_dir, [cfg.run.steps]), "final",
                             dependency=f"afterok:{job.job_id}")
         print(f"submitted final evaluation job {final.job_id} (after training succeeds)", file=stdout)
-    if cfg.eval.every and cfg.eval.mode == "watcher":
-        cfg.eval.tasks = 1   # one poller: ranks polling on their own could disagree on the steps to evaluate
-        watcher = submit_eval(cfg, kind, EvalJob(run_dir, watch=True), "watcher", nice=100)
-        print(f"submitted evaluation watcher job {watcher.job_id}", file=stdout)
+    if watcher:
+        watcher_job = submit_eval(watcher_cfg, kind, EvalJob(run_dir, watch=True), "watcher", nice=100)
+        print(f"submitted evaluation watcher job {watcher_job.job_id}", file=stdout)
     print(f"follow it with: python jobs/submit.py status --run-dir {run_dir}", file=stdout)
     return 0
 
