@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from meanflow.data_pipeline import build_stream
 from meanflow.evaluation.evaluator import Evaluator, describe_data
-from meanflow.models import build_model
+from meanflow.models import build_model, count_parameters
 from meanflow.models.execution import configure_execution
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.platform.checkpoint import CheckpointStore
@@ -78,10 +78,10 @@ def checkpoint_store(cfg: DictConfig, rank: int) -> CheckpointStore:
 
 
 def guard_parts(cfg: DictConfig, engine, stream, store, env: DistEnv):
-    """(detector or None when off, the recovery that carries decisions out, fault injection or None)."""
+    """(the detector, the recovery that carries its decisions out, fault injection or None)."""
     targets = RollbackTargets(engine, stream, store)
     recovery = Recovery(cfg.guard, targets, cfg.data.global_batch, env.is_main)
-    return (Guard(cfg.guard) if cfg.guard.enabled else None), recovery, build_fault_injector(cfg.guard)
+    return Guard(cfg.guard), recovery, build_fault_injector(cfg.guard)
 
 
 def end_of_run_evaluator(cfg: DictConfig, device: torch.device, env: DistEnv) -> Evaluator | None:
@@ -93,3 +93,8 @@ def end_of_run_evaluator(cfg: DictConfig, device: torch.device, env: DistEnv) ->
                          require_fid=False)
     except (ValueError, OSError) as err:
         raise ConfigError(f"{err} (or eval.at_end=false to train without the end-of-run evaluation)") from err
+
+
+def run_summary(cfg: DictConfig, engine, device: torch.device) -> str:
+    return (f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/{cfg.model.size} "
+            f"({count_parameters(engine.model) / 1e6:.2f}M params), device {device}, run_dir {cfg.run.run_dir}")

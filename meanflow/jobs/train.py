@@ -17,11 +17,9 @@ from omegaconf import DictConfig
 from meanflow.data_pipeline import merge_stream_states
 from meanflow.data_pipeline.shard_reader import ShardUnreadable
 from meanflow.evaluation.outputs import describe_metrics, write_results
-from meanflow.models import count_parameters
 from meanflow.platform.checkpoint import StorageOutage
 from meanflow.platform.config import save_config
 from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, init_distributed, resolve_env, shutdown
-from meanflow.platform.guard import Decision
 from meanflow.platform.metrics import MetricsSink, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
 from meanflow.platform.storage import join, write_bytes_atomic
@@ -80,7 +78,7 @@ class Trainer:
             if len(train_state["rng"]) == self.env.world_size:
                 set_rng_state(train_state["rng"][self.env.rank])
             self.state.load_state_dict(train_state, healthy=commits.get(step, {}).get("healthy", True))
-            if self.guard and train_state.get("guard"):
+            if train_state.get("guard"):
                 self.guard.load_state_dict(train_state["guard"])   # its windows: a resumed run decides alike
             self.log(f"resumed from {self.store.step_url(step)} at step {step}")
         if self.env.is_main:
@@ -90,7 +88,7 @@ class Trainer:
         """Collective: every rank's RNG and data position, the counters, the guard's windows, then the store's
         commit (announced to ``on_commit`` once it has landed)."""
         train_state = {**self.state.state_dict(), "rng": all_gather_objects(rng_state()),
-                       "guard": self.guard.state_dict() if self.guard else None, "config": save_config(self.cfg)}
+                       "guard": self.guard.state_dict(), "config": save_config(self.cfg)}
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": merge_stream_states(all_gather_objects(self.stream.state_dict()))}
         started = time.perf_counter()
@@ -119,16 +117,14 @@ class Trainer:
         """One optimizer step on this rank's rows of a global batch, as the guard decides: applied (returns the
         step's stats), skipped or rolled back (returns None; the event record says which), or failed (raises)."""
         stats = self._forward_backward(batch)
-        decision = self.guard.decide(self.state.attempt, {k: v.item() for k, v in stats.items()}) if self.guard \
-            else Decision("apply")
+        decision = self.guard.decide(self.state.attempt, {k: v.item() for k, v in stats.items()})
         if decision.action != "apply":
             self.engine.skip()                                # before a rollback restores the engine's state
         response = self.recovery.respond(decision, self.state)
         if response.action == "apply":
             stats["lr"] = torch.tensor(self.engine.apply(self.step, lr_scale=response.lr_scale))
             self.state.step += 1
-            if self.guard:
-                self.recovery.step_applied(self.step)
+            self.recovery.step_applied(self.step)
             return stats
         self.write_metrics(response.event)
         if response.action == "rollback":
@@ -174,11 +170,8 @@ class Trainer:
         if error is not None:
             self.log(f"JVP smoke test ({self.engine.name}): relative error vs finite difference {error:.2e}")
         cfg = self.cfg
-        self.log(f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/"
-                 f"{cfg.model.size} ({count_parameters(self.engine.model) / 1e6:.2f}M params), device "
-                 f"{self.device}, run_dir {self.run_dir}")
-        if self.guard:
-            self.recovery.start(self.step)
+        self.log(components.run_summary(cfg, self.engine, self.device))
+        self.recovery.start(self.step)
         progress = ProgressLine(cfg.run.steps, self.state.attempt, stream=self.stdout if self.env.is_main else None)
         started = time.perf_counter()
         try:
@@ -202,9 +195,8 @@ class Trainer:
         """Log at log_every, save at checkpoint.every, and leave for requeue when any rank was signalled."""
         cfg, step = self.cfg, self.step
         if stats is not None and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
-            counts = self.guard.counts if self.guard else {}
             rate = progress.update(step, self.state.attempt, stats,
-                                   extra=", ".join(f"{k}s {v}" for k, v in counts.items() if v))
+                                   extra=", ".join(f"{k}s {v}" for k, v in self.guard.counts.items() if v))
             self.write_metrics({"step": step, "steps_per_s": rate, **stats, **self.stream.metrics()})
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.run.steps \
                 and step != self.state.saved_step:

@@ -62,6 +62,8 @@ class RollingStat:
 
 
 class Guard:
+    """``cfg``: the guard section. With ``enabled: false`` every step applies (and nothing is watched)."""
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.stats = {name: RollingStat(cfg.window, log_scale=name in LOG_SCALE) for name in WATCHED}
@@ -83,6 +85,8 @@ class Guard:
 
     def decide(self, step: int, stats: dict[str, float]) -> Decision:
         values = {k: float(stats[k]) for k in WATCHED if k in stats}
+        if not self.cfg.enabled:
+            return Decision("apply", values=values)
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         decision = Decision("rollback", f"nonfinite:{bad[0]}", values) if bad else self._spike(values)
         if decision is None:

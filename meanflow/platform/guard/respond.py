@@ -51,12 +51,13 @@ class Recovery:
         return Response("fail", event=event, message=f"guard: {decision.describe(state.step)}")
 
     def start(self, step: int) -> None:
-        """A rollback target before the first periodic snapshot."""
-        self.targets.take_snapshot(step)
+        """A rollback target before the first periodic snapshot (none when the guard is off)."""
+        if self.cfg.enabled:
+            self.targets.take_snapshot(step)
 
     def step_applied(self, step: int) -> None:
         """After an applied step: take the periodic in-memory snapshot (a rollback target)."""
-        if self.cfg.snapshot_every and step % self.cfg.snapshot_every == 0:
+        if self.cfg.enabled and self.cfg.snapshot_every and step % self.cfg.snapshot_every == 0:
             self.targets.take_snapshot(step)
 
     def _roll_back(self, event: dict, state: TrainState) -> Response:
