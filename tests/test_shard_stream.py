@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import webdataset as wds
 
 from meanflow.data_pipeline.manifest import ManifestError, read_manifest
 from meanflow.data_pipeline.shard_plan import ShardPlan, SlotPosition
-from meanflow.data_pipeline.shard_reader import ShardReader, ShardUnreadable
+from meanflow.data_pipeline.shard_reader import DataUnreadable, ShardReader, ShardUnreadable
 from meanflow.data_pipeline.shard_writer import write_shards
 from meanflow.data_pipeline.sources import open_source
 from meanflow.data_pipeline.webdataset_stream import DataUnusable, ShardStream, merge_stream_states
@@ -227,6 +228,26 @@ def test_missing_manifest_and_empty_shard_list_are_errors(tmp_path):
     (root / "manifest.json").write_text(json.dumps({"format": 1, "shards": [], "total": 0}))
     with pytest.raises(ManifestError, match="lists no shards"):
         ShardStream(str(root), global_batch=16, seed=0)
+
+
+def test_a_manifest_that_is_not_json_is_an_error_naming_its_url(tmp_path):
+    url = str(tmp_path / "digits")
+    write_digits(url)
+    (tmp_path / "digits" / "manifest.json").write_text('{"format": 1, "shards": ')   # cut short mid-write
+    with pytest.raises(ManifestError, match=re.escape(f"{url}/manifest.json") + " is not valid JSON"):
+        ShardStream(url, global_batch=16, seed=0)
+
+
+def test_data_whose_every_shard_is_corrupt_is_unreadable_input(tmp_path):
+    url = str(tmp_path / "digits")
+    write_digits(url, samples_per_shard=400)   # 4 shards: 2 per reader slot (1 rank × 2 workers)
+    for shard in (tmp_path / "digits").glob("train-*.tar"):
+        shard.write_bytes(b"not a tar file\n" * 100)
+    stream = ShardStream(url, global_batch=16, seed=0, num_workers=2)
+    stream.reader.backoff_s = 0.01   # a corrupt tar's first error is retried once, as a dropped connection would be
+    with pytest.raises(DataUnreadable, match=f"data.url {re.escape(url)}: none of the 2 shard"):
+        stream.next_batch()                   # raised in a DataLoader worker, re-raised here as the same class
+    assert issubclass(DataUnreadable, ValueError)   # bad input (exit 2), not a storage outage (ShardUnreadable)
 
 
 class FlakyFile:

@@ -116,10 +116,14 @@ def read_manifest(url: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ManifestError(f"data.url {url}: no {manifest_url} (shards are written by "
                             "`python -m meanflow.data_pipeline.write`, which writes the manifest last)") from None
+    except ValueError as err:   # JSONDecodeError, or bytes that are not text at all (UnicodeDecodeError)
+        raise ManifestError(f"data.url {url}: {manifest_url} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"data.url {url}: {manifest_url} is not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise ManifestError(f"{manifest_url}: manifest format {manifest.get('format')!r}, "
                             f"this version reads {FORMAT_VERSION}")
-    if not manifest["shards"]:
+    if not manifest.get("shards"):
         raise ManifestError(f"{manifest_url}: lists no shards")
     return manifest
 

@@ -50,7 +50,13 @@ TRANSIENT_ERRORS = _transient_errors()
 
 
 class ShardUnreadable(OSError):
-    pass
+    """A shard that cannot be read now: it vanished, or I/O kept failing past the retries. Storage may recover, so a
+    rerun can continue from the last checkpoint (the trainer's exit code 1)."""
+
+
+class DataUnreadable(ValueError):
+    """Bad input, not an outage: a reader went through a whole epoch of its shards and every one was corrupt (not a
+    tar, or truncated before its first record), so no record could be read. The message names the data URL."""
 
 
 def _tar_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:

@@ -22,21 +22,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .manifest import read_manifest, select_shards
 from .records import RecordDecoder
 from .shard_plan import ShardPlan, SlotPosition
-from .shard_reader import ShardReader
+from .shard_reader import DataUnreadable, ShardReader
 
 PRIVATE = ("_slot", "_epoch", "_record", "_skipped")
 
 
 class DataUnusable(RuntimeError):
-    """A reader went through a whole epoch of its shards without one decodable record."""
+    """A reader went through a whole epoch of its shards without one decodable record (records were read, but none
+    decodes). Where not even one record could be read, ``DataUnreadable`` (bad input) is raised instead."""
 
 
 class ShardDataset(IterableDataset):
     """Endless samples of one rank's slots; worker w of the DataLoader serves slot worker (w + batches) % W."""
 
-    def __init__(self, reader: ShardReader, plan: ShardPlan, decoder: RecordDecoder, rank: int, workers: int,
-                 positions: dict[int, SlotPosition], skipped: dict[int, int], batches: int):
-        self.reader, self.plan, self.decoder = reader, plan, decoder
+    def __init__(self, url: str, reader: ShardReader, plan: ShardPlan, decoder: RecordDecoder, rank: int,
+                 workers: int, positions: dict[int, SlotPosition], skipped: dict[int, int], batches: int):
+        self.url, self.reader, self.plan, self.decoder = url, reader, plan, decoder
         self.rank, self.workers, self.batches = rank, workers, batches
         self.positions, self.skipped = positions, skipped
 
@@ -53,15 +54,17 @@ class ShardDataset(IterableDataset):
         epoch, block_start = start.epoch, start.record - start.record % block
         records = self.reader.slot_records(plan, slot, SlotPosition(epoch, block_start))
         first = start.record - block_start
-        emitted_this_epoch, read_this_epoch = 0, 0
+        emitted_this_epoch, read_this_epoch, lost_this_epoch = 0, 0, 0
         while True:
             length = plan.slot_length(epoch, slot)
             n = min(block, length - block_start)
             rows = list(itertools.islice(records, n))
             order = plan.block_permutation(epoch, slot, block_start // block, n)
             for j in range(first, n):
-                sample = self.decoder(rows[order[j]], epoch)
+                record = rows[order[j]]
+                sample = self.decoder(record, epoch)
                 read_this_epoch += 1
+                lost_this_epoch += record is None   # the tar gave nothing here (corrupt or truncated)
                 if sample is None:
                     skipped += 1
                     continue
@@ -72,11 +75,15 @@ class ShardDataset(IterableDataset):
             first, block_start = 0, block_start + n
             if block_start == length:
                 if emitted_this_epoch == 0 and read_this_epoch > 0:   # would loop forever, silently
+                    shards = [self.reader.urls[k] for k in plan.slot_shards(epoch, slot)]
+                    if lost_this_epoch == read_this_epoch:
+                        raise DataUnreadable(f"data.url {self.url}: none of the {len(shards)} shard(s) reader slot "
+                                             f"{slot} read in epoch {epoch} holds a readable record (not tar files, "
+                                             f"or corrupt from their start): {shards}")
                     raise DataUnusable(f"slot {slot}: no record of its {read_this_epoch} in epoch {epoch} decodes "
-                                       f"(shards {[self.reader.urls[k] for k in plan.slot_shards(epoch, slot)]}); "
-                                       f"last error: {self.decoder.last_error}")
+                                       f"(shards {shards}); last error: {self.decoder.last_error}")
                 epoch, block_start = epoch + 1, 0
-                emitted_this_epoch, read_this_epoch = 0, 0
+                emitted_this_epoch, read_this_epoch, lost_this_epoch = 0, 0, 0
 
 
 def _fingerprint(urls: list[str], manifest: dict[str, Any]) -> str:
@@ -142,7 +149,7 @@ class ShardStream:
 
     # ------------------------------------------------------------------------------------------------ batches
     def _start(self):
-        dataset = ShardDataset(self.reader, self.plan, self.decoder, self.rank, self.workers,
+        dataset = ShardDataset(self.url, self.reader, self.plan, self.decoder, self.rank, self.workers,
                                dict(self.positions), dict(self.skipped), self.batches)
         loader = DataLoader(dataset, batch_size=self.local_batch, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .randomness import StepRandom
+from .time_sampling import sample_time_pairs
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ObjectiveOutput:
     r: torch.Tensor
     u: torch.Tensor
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    v_c: Optional[torch.Tensor] = None   # the conditional velocity e − x the objective drew
 
 
 class Objective:
@@ -108,3 +110,32 @@ def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_class
         return None, None
     dropped = rand.uniform("label_drop").lt(p).to(y.device)
     return torch.where(dropped, torch.full_like(y, num_classes), y), dropped
+
+
+@dataclass
+class NoisedBatch:
+    """One step's draws on a batch (OBJECTIVES.md, conventions): ``z_t = (1 − t)·x + t·e``, ``v_c = e − x``."""
+
+    x: torch.Tensor
+    e: torch.Tensor                    # N(0, I), shaped like x
+    t: torch.Tensor                    # (B,)
+    r: torch.Tensor                    # (B,), r ≤ t
+    z: torch.Tensor                    # z_t, shaped like x
+    v_c: torch.Tensor                  # conditional velocity e − x
+    y: Optional[torch.Tensor]          # the batch's labels, none dropped
+    y_model: Optional[torch.Tensor]    # the labels the model is fed: dropped ones are the null class
+    dropped: Optional[torch.Tensor]    # (B,) bool, or None without labels
+    rand: StepRandom                   # for the objective's own further draws
+
+
+def noise_batch(batch: dict, step: int, ctx: ObjectiveContext, cfg, num_classes: int) -> NoisedBatch:
+    """Draw (t, r), e and the label drop for this step's rows and build z_t and v_c; ``cfg`` is the objective's."""
+    x = batch["x"]
+    rand = ctx.random(step, x.device)
+    t, r = sample_time_pairs(rand, cfg.time, x.dtype)
+    e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
+    t_x = expand_like(t, x)
+    z = (1 - t_x) * x + t_x * e
+    y = batch.get("y")
+    y_model, dropped = drop_labels(y, rand, cfg.label_drop, num_classes)
+    return NoisedBatch(x=x, e=e, t=t, r=r, z=z, v_c=e - x, y=y, y_model=y_model, dropped=dropped, rand=rand)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (Objective, ObjectiveOutput, drop_labels, expand_like, model_u, per_sample_norm,
-                   per_sample_sq)
-from .time_sampling import sample_time_pairs
+from .base import Objective, ObjectiveOutput, model_u, noise_batch, per_sample_norm, per_sample_sq
 
 
 class FlowMatching(Objective):
@@ -12,14 +10,10 @@ class FlowMatching(Objective):
         self.cfg, self.num_classes = cfg, num_classes
 
     def compute(self, model, batch, step, ctx):
-        x = batch["x"]
-        rand = ctx.random(step, x.device)
-        t, _ = sample_time_pairs(rand, self.cfg.time, x.dtype)
-        e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
-        z = (1 - expand_like(t, x)) * x + expand_like(t, x) * e
-        y, _ = drop_labels(batch.get("y"), rand, self.cfg.label_drop, self.num_classes)
+        nb = noise_batch(batch, step, ctx, self.cfg, self.num_classes)
+        z, t, y = nb.z, nb.t, nb.y_model          # r is not used: FM trains the boundary u(z, t, t)
         u = model_u(model(z, t=t, r=t, y=y))
-        sq = per_sample_sq(u - (e - x))
+        sq = per_sample_sq(u - nb.v_c)
         loss = sq.mean()
         stats = {"loss": loss.detach(), "mse": sq.mean().detach(), "u_norm": per_sample_norm(u).mean().detach()}
-        return ObjectiveOutput(loss, stats, z=z, t=t, r=t, u=u, model_kwargs={"y": y})
+        return ObjectiveOutput(loss, stats, z=z, t=t, r=t, u=u, model_kwargs={"y": y}, v_c=nb.v_c)

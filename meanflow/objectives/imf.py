@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Objective, ObjectiveOutput, adaptive_weighted_loss, drop_labels, expand_like, masked_mean,
+from .base import (Objective, ObjectiveOutput, adaptive_weighted_loss, expand_like, masked_mean, noise_batch,
                    per_sample_norm)
 from .jvp import jvp
-from .time_sampling import sample_time_pairs
 
 
 def sample_guidance(rand, cfg, t, r) -> torch.Tensor:
@@ -79,16 +78,11 @@ class ImprovedMeanFlow(Objective):
         return v_cond, v_uncond
 
     def compute(self, model, batch, step, ctx):
-        x, c = batch["x"], self.cfg
-        rand = ctx.random(step, x.device)
-        t, r = sample_time_pairs(rand, c.time, x.dtype)
-        e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
-        t_x, h_x = expand_like(t, x), expand_like(t - r, x)
-        z = (1 - t_x) * x + t_x * e
-        v_c = e - x
-        y = batch.get("y")
-        y_model, dropped = drop_labels(y, rand, c.label_drop, self.num_classes)
-        omega = sample_guidance(rand, c.imf, t, r)
+        c = self.cfg
+        nb = noise_batch(batch, step, ctx, c, self.num_classes)
+        z, t, r, v_c, y, y_model, dropped = nb.z, nb.t, nb.r, nb.v_c, nb.y, nb.y_model, nb.dropped
+        h_x = expand_like(t - r, z)
+        omega = sample_guidance(nb.rand, c.imf, t, r)
         omega_tilde = effective_omega(omega, t)
 
         v_cond, v_uncond = self.no_grad_velocities(model, z, t, y, dropped, omega_tilde)
@@ -116,4 +110,5 @@ class ImprovedMeanFlow(Objective):
             loss = loss_u + loss_v
             stats["loss_v"] = loss_v.detach()
         stats["loss"] = loss.detach()
-        return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model, "omega": omega})
+        return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model, "omega": omega},
+                               v_c=v_c)

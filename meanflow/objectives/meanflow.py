@@ -14,11 +14,10 @@ import math
 
 import torch
 
-from .base import (Objective, ObjectiveOutput, adaptive_weighted_loss, drop_labels, expand_like, masked_mean,
-                   model_u, per_sample_norm)
+from .base import (Objective, ObjectiveOutput, adaptive_weighted_loss, expand_like, masked_mean, model_u,
+                   noise_batch, per_sample_norm)
 from .guidance import mf_guided_velocity
 from .jvp import jvp
-from .time_sampling import sample_time_pairs
 
 
 class MeanFlow(Objective):
@@ -37,16 +36,10 @@ class MeanFlow(Objective):
 
     # --- the objective -------------------------------------------------------------------------------------
     def compute(self, model, batch, step, ctx):
-        x = batch["x"]
-        rand = ctx.random(step, x.device)
-        t, r = sample_time_pairs(rand, self.cfg.time, x.dtype)
-        e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
-        t_x, h_x = expand_like(t, x), expand_like(t - r, x)
-        z = (1 - t_x) * x + t_x * e
-        v_c = e - x
-        y_label = batch.get("y")
-        y_model, dropped = drop_labels(y_label, rand, self.cfg.label_drop, self.num_classes)
-        v_tilde = mf_guided_velocity(model, z, t, v_c, y_label, dropped, self.cfg.guidance, self.num_classes)
+        nb = noise_batch(batch, step, ctx, self.cfg, self.num_classes)
+        z, t, r, y_model = nb.z, nb.t, nb.r, nb.y_model
+        h_x = expand_like(t - r, z)
+        v_tilde = mf_guided_velocity(model, z, t, nb.v_c, nb.y, nb.dropped, self.cfg.guidance, self.num_classes)
 
         stats: dict[str, torch.Tensor] = {}
         dz = self.tangent(model, z, t, r, v_tilde, y_model, step, ctx, stats)
@@ -66,7 +59,7 @@ class MeanFlow(Objective):
                      jvp_norm=masked_mean(per_sample_norm(dudt.detach()), has_jvp))
         if self.logs_lambda:
             stats["lambda"] = torch.tensor(float(lam))
-        return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model})
+        return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model}, v_c=nb.v_c)
 
 
 class SGLambda(MeanFlow):

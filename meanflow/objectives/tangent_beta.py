@@ -65,11 +65,9 @@ class TangentBeta(MeanFlow):
         out = super().compute(model, batch, step, ctx)
         weight = self.cfg.tangent_beta.fm_anchor
         if weight:
-            x, rand = batch["x"], ctx.random(step, batch["x"].device)
-            e = rand.normal("e", *x.shape[1:], dtype=x.dtype)     # the same e the main term used
-            delta = rand.uniform("fm_anchor_delta") * self.cfg.tangent_beta.anchor_delta
+            delta = ctx.random(step, out.z.device).uniform("fm_anchor_delta") * self.cfg.tangent_beta.anchor_delta
             u = model_u(model(out.z, t=out.t, r=(out.t - delta).clamp(min=0), **out.model_kwargs))
-            anchor = per_sample_sq(u - (e - x)).mean()
+            anchor = per_sample_sq(u - out.v_c).mean()        # the main term's own v_c = e − x
             out.loss = out.loss + weight * anchor
             out.stats.update(loss=out.loss.detach(), fm_anchor=anchor.detach())
         return out

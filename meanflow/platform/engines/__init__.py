@@ -3,13 +3,12 @@ chosen by ``engine.kind``."""
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .base import Engine, lr_at
+from .base import Engine, lr_at, make_ema
 from .fsdp2 import FSDP2Engine
 from .jvp_smoke import EngineJVPError, jvp_smoke_test
 from .replicated import ReplicatedEngine, SingleProcessEngine
@@ -29,9 +28,8 @@ def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], 
         from .deepspeed_engine import DeepSpeedEngine   # deepspeed is slow to import: only when asked for
         return DeepSpeedEngine(model_factory, optim_cfg, device, engine_cfg.precision, engine_cfg.deepspeed_stage)
     model = model_factory().to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if optim_cfg.ema_decay > 0 else None
     cls = {"single": SingleProcessEngine, "ddp": ReplicatedEngine}[kind]
-    return cls(model, ema, optim_cfg, device, engine_cfg.precision)
+    return cls(model, make_ema(model, optim_cfg), optim_cfg, device, engine_cfg.precision)
 
 
 __all__ = ["Engine", "EngineJVPError", "KINDS", "build_engine", "jvp_smoke_test", "lr_at"]

@@ -1,7 +1,7 @@
 """What every engine shares: the optimizer side of a training step behind one interface.
 
 ``grad_norm = engine.backward(loss, sync=...)`` once per micro-batch (``sync`` on the last: gradients are then
-synchronised across ranks and the global norm is returned), then ``engine.apply(step)`` or ``engine.skip()`` —
+synchronised across ranks and the global norm is returned), then ``engine.apply(step, lr_scale)`` or ``engine.skip()`` —
 the guard decides in between; a skipped step leaves parameters and optimizer state untouched. ``engine.model``
 (what objectives call), ``engine.ema_model``, ``engine.autocast()``, ``state_dict()`` / ``load_state_dict()``.
 Subclasses say how gradients are synchronised and where parameters live (replicated or sharded).
@@ -10,6 +10,7 @@ Subclasses say how gradients are synchronised and where parameters live (replica
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -31,6 +32,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def make_ema(model: nn.Module, optim_cfg) -> nn.Module | None:
+    """A frozen copy of a (replicated) model to hold the EMA, or None when ``optim.ema_decay`` is 0."""
+    return copy.deepcopy(model).requires_grad_(False).eval() if optim_cfg.ema_decay > 0 else None
+
+
 class Engine:
     name = "base"
 
@@ -41,7 +47,6 @@ class Engine:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                            weight_decay=optim_cfg.weight_decay)
         self._grad_norm: torch.Tensor | None = None
-        self.lr_scale = 1.0   # the guard's cool-down after a rollback
 
     # ------------------------------------------------------------------------------------------ subclass hooks
     def _backward(self, loss: torch.Tensor, sync: bool) -> None:
@@ -71,22 +76,31 @@ class Engine:
         self._grad_norm = self._global_grad_norm(self._grads())
         return self._grad_norm.detach()
 
-    def apply(self, step: int) -> float:
-        """Clip to the global norm, step the optimizer at this step's LR, update the EMA. Returns the LR used."""
-        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps) * self.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def apply(self, step: int, lr_scale: float = 1.0) -> float:
+        """Clip to the global norm, step the optimizer at this step's LR times ``lr_scale`` (the guard's cool-down
+        after a rollback), update the EMA. Returns the LR used."""
+        lr = self._set_lr(step, lr_scale, self.optimizer.param_groups)
         if self.cfg.grad_clip > 0 and self._grad_norm is not None:
             scale = (self.cfg.grad_clip / (self._grad_norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([local_tensor(g) for g in self._grads()], scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema_model is not None:
-            self._update_ema(step)
+        self._after_step(step)
         return lr
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _set_lr(self, step: int, lr_scale: float, param_groups) -> float:
+        """Set this step's LR (warm-up × ``lr_scale``) on ``param_groups``: the optimizer's or DeepSpeed ZeRO's."""
+        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps) * lr_scale
+        for group in param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _after_step(self, step: int) -> None:
+        if self.ema_model is not None:
+            self._update_ema(step)
 
     @torch.no_grad()
     def _update_ema(self, step: int) -> None:

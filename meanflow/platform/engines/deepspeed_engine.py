@@ -13,14 +13,13 @@ to decide between apply and skip), and a skip clears those partitions the way De
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .base import Engine
+from .base import Engine, make_ema
 
 TESTED_DEEPSPEED = ("0.19",)
 STAGES = (1, 2)
@@ -46,8 +45,7 @@ class DeepSpeedEngine(Engine):
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         model = model_factory().to(device)
-        ema = copy.deepcopy(model).requires_grad_(False).eval() if optim_cfg.ema_decay > 0 else None
-        super().__init__(model, ema, optim_cfg, device, precision)
+        super().__init__(model, make_ema(model, optim_cfg), optim_cfg, device, precision)
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "gradient_clipping": float(optim_cfg.grad_clip), "zero_optimization": {"stage": stage},
                   "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
@@ -62,16 +60,11 @@ class DeepSpeedEngine(Engine):
         self._grad_norm = torch.as_tensor(self.zero.scaled_global_norm(), dtype=torch.float32)
         return self._grad_norm.detach()
 
-    def apply(self, step: int) -> float:
+    def apply(self, step: int, lr_scale: float = 1.0) -> float:
         """DeepSpeed clips to ``optim.grad_clip`` with the same global norm and steps; then the EMA."""
-        from .base import lr_at
-
-        lr = lr_at(step, self.cfg.lr, self.cfg.warmup_steps) * self.lr_scale
-        for group in self.zero.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr(step, lr_scale, self.zero.param_groups)
         self.ds.step()
-        if self.ema_model is not None:
-            self._update_ema(step)
+        self._after_step(step)
         return lr
 
     def skip(self) -> None:
