@@ -245,7 +245,7 @@ def test_data_whose_every_shard_is_corrupt_is_unreadable_input(tmp_path):
         shard.write_bytes(b"not a tar file\n" * 100)
     stream = ShardStream(url, global_batch=16, seed=0, num_workers=2)
     stream.reader.backoff_s = 0.01   # a corrupt tar's first error is retried once, as a dropped connection would be
-    with pytest.raises(DataUnreadable, match=f"data.url {re.escape(url)}: none of the 2 shard"):
+    with pytest.raises(DataUnreadable, match=f"^data.url {re.escape(url)}: none of the 2 shard"):
         stream.next_batch()                   # raised in a DataLoader worker, re-raised here as the same class
     assert issubclass(DataUnreadable, ValueError)   # bad input (exit 2), not a storage outage (ShardUnreadable)
 

@@ -102,6 +102,22 @@ def test_cli_missing_shards_exit_2_naming_the_url(tmp_path):
     assert proc.returncode == 2 and f"{url}/manifest.json" in proc.stderr
 
 
+def test_cli_data_whose_every_shard_is_corrupt_exits_2_naming_the_url(tmp_path):
+    """Corrupt data is bad input (exit 2), not an outage a rerun could get past (exit 1)."""
+    from meanflow.data_pipeline.shard_writer import write_shards
+    from meanflow.data_pipeline.sources import open_source
+
+    url = tmp_path / "digits"
+    write_shards(open_source("digits"), str(url), samples_per_shard=400, show_progress=False)
+    for shard in url.glob("train-*.tar"):
+        shard.write_bytes(b"not a tar file\n" * 100)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "submit.py"), "--cluster", "local",
+                           "--config", "tiny_mf", "--run-dir", str(tmp_path / "run"), "data.name=webdataset",
+                           f"data.url={url}", "data.num_workers=0"], capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: data: data.url {url}: none of the 4 shard(s)" in proc.stderr
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("config", ["tiny_mf", "tiny_imf"])
 def test_digits_local_run_samples_are_their_class(tmp_path, config):

@@ -3,6 +3,7 @@ interface: ``next_batch()`` (this rank's rows), ``skip(n_samples)``, ``state_dic
 ``metrics()``, ``name``, ``sample_shape``, ``num_classes``."""
 
 from meanflow.data_pipeline.embedded import EMBEDDED_NAMES, EmbeddedStream, build_embedded_stream
+from meanflow.data_pipeline.errors import UNUSABLE_DATA, ShardUnreadable
 from meanflow.data_pipeline.toys2d import TOY_NAMES, sample_toy
 
 
@@ -25,5 +26,5 @@ def merge_stream_states(states: list[dict]) -> dict:
     return states[0]   # embedded: a pure function of the batch count, the same on every rank
 
 
-__all__ = ["EMBEDDED_NAMES", "EmbeddedStream", "build_embedded_stream", "build_stream", "merge_stream_states",
+__all__ = ["ShardUnreadable", "UNUSABLE_DATA", "EMBEDDED_NAMES", "EmbeddedStream", "build_embedded_stream", "build_stream", "merge_stream_states",
            "TOY_NAMES", "sample_toy"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from meanflow.data_pipeline import digits
-from meanflow.data_pipeline.toys2d import TOY_NAMES, sample_toy
+from meanflow.data_pipeline.toys2d import TOY_NAMES, marginal_velocity_oracle, sample_toy
 from meanflow.seeding import stream_seed
 
 EMBEDDED_NAMES: tuple[str, ...] = ("digits", *TOY_NAMES)
@@ -89,6 +89,10 @@ class EmbeddedStream:
 
     def metrics(self) -> dict[str, int]:
         return {}
+
+    def marginal_velocity(self):
+        """The 2-D toys' marginal velocity v(z, t) (a sampled oracle); None for the digits."""
+        return marginal_velocity_oracle(self._name, seed=self.seed) if self._name in TOY_NAMES else None
 
     def close(self) -> None:
         pass

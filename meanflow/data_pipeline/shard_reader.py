@@ -20,6 +20,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from meanflow.platform.storage import filesystem
 
+from .errors import DataUnreadable, ShardUnreadable
 from .shard_plan import ShardPlan, SlotPosition
 
 # A tar error is corruption only if it recurs at the same record: a connection dropped mid-body also looks like a
@@ -47,16 +48,6 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 TRANSIENT_ERRORS = _transient_errors()
-
-
-class ShardUnreadable(OSError):
-    """A shard that cannot be read now: it vanished, or I/O kept failing past the retries. Storage may recover, so a
-    rerun can continue from the last checkpoint (the trainer's exit code 1)."""
-
-
-class DataUnreadable(ValueError):
-    """Bad input, not an outage: a reader went through a whole epoch of its shards and every one was corrupt (not a
-    tar, or truncated before its first record), so no record could be read. The message names the data URL."""
 
 
 def _tar_samples(fileobj, url: str) -> Iterator[dict[str, Any]]:

@@ -19,17 +19,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .errors import UNUSABLE_DATA, DataUnreadable, DataUnusable
 from .manifest import read_manifest, select_shards
 from .records import RecordDecoder
 from .shard_plan import ShardPlan, SlotPosition
-from .shard_reader import DataUnreadable, ShardReader
+from .shard_reader import ShardReader
 
 PRIVATE = ("_slot", "_epoch", "_record", "_skipped")
-
-
-class DataUnusable(RuntimeError):
-    """A reader went through a whole epoch of its shards without one decodable record (records were read, but none
-    decodes). Where not even one record could be read, ``DataUnreadable`` (bad input) is raised instead."""
 
 
 class ShardDataset(IterableDataset):
@@ -80,7 +76,8 @@ class ShardDataset(IterableDataset):
                         raise DataUnreadable(f"data.url {self.url}: none of the {len(shards)} shard(s) reader slot "
                                              f"{slot} read in epoch {epoch} holds a readable record (not tar files, "
                                              f"or corrupt from their start): {shards}")
-                    raise DataUnusable(f"slot {slot}: no record of its {read_this_epoch} in epoch {epoch} decodes "
+                    raise DataUnusable(f"data.url {self.url}: reader slot {slot}: no record of its {read_this_epoch} "
+                                       f"in epoch {epoch} decodes "
                                        f"(shards {shards}); last error: {self.decoder.last_error}")
                 epoch, block_start = epoch + 1, 0
                 emitted_this_epoch, read_this_epoch, lost_this_epoch = 0, 0, 0
@@ -158,7 +155,11 @@ class ShardStream:
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except UNUSABLE_DATA as err:   # from a DataLoader worker, the message wraps the worker's traceback
+            last_line = str(err).strip().splitlines()[-1]
+            raise type(err)(last_line.removeprefix(f"{type(err).__module__}.{type(err).__name__}: ")) from None
         slot = int(batch["_slot"][0])
         self.positions[slot] = SlotPosition(int(batch["_epoch"][-1]), int(batch["_record"][-1]))
         self.skipped[slot] = int(batch["_skipped"][-1])
@@ -167,6 +168,10 @@ class ShardStream:
 
     def metrics(self) -> dict[str, int]:
         return {"data/skipped": sum(self.skipped.values())}
+
+    def marginal_velocity(self):
+        """Unknown for a data set of shards (the 2-D toys' embedded streams know theirs)."""
+        return None
 
     def close(self) -> None:
         self._iterator = None   # DataLoader workers exit when their iterator is collected

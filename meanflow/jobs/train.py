@@ -14,11 +14,10 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from meanflow.data_pipeline import merge_stream_states
-from meanflow.data_pipeline.shard_reader import ShardUnreadable
+from meanflow.data_pipeline import UNUSABLE_DATA, ShardUnreadable, merge_stream_states
 from meanflow.evaluation.outputs import describe_metrics, write_results
 from meanflow.platform.checkpoint import StorageOutage
-from meanflow.platform.config import save_config
+from meanflow.platform.config import ConfigError, save_config
 from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, init_distributed, resolve_env, shutdown
 from meanflow.platform.metrics import MetricsSink, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
@@ -185,6 +184,8 @@ class Trainer:
             self._announce_commits()
         except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err
+        except UNUSABLE_DATA as err:                       # no rerun helps: bad input
+            raise ConfigError(f"data: {err}") from err
         finally:
             self.stream.close()   # stops DataLoader workers
         self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s"

@@ -58,6 +58,9 @@ class ObjectiveOutput:
 class Objective:
     """Base class: subclasses implement ``compute``; calling returns ``(loss, stats)``."""
 
+    uses_jvp = True                   # takes a JVP through the model (the trainer's startup check tests it)
+    needs_marginal_velocity = False   # wants ``ctx.marginal_velocity`` where the data stream can offer it
+
     def compute(self, model: nn.Module, batch: dict, step: int, ctx: ObjectiveContext) -> ObjectiveOutput:
         raise NotImplementedError
 

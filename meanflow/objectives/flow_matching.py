@@ -6,6 +6,8 @@ from .base import Objective, ObjectiveOutput, model_u, noise_batch, per_sample_n
 
 
 class FlowMatching(Objective):
+    uses_jvp = False
+
     def __init__(self, cfg, num_classes: int = 0):
         self.cfg, self.num_classes = cfg, num_classes
 

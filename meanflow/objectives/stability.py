@@ -21,6 +21,7 @@ from .base import Objective, expand_like, masked_mean, model_u, per_sample_norm
 class NonExpansivity(Objective):
     def __init__(self, base: Objective, cfg):
         self.base, self.cfg = base, cfg
+        self.uses_jvp, self.needs_marginal_velocity = base.uses_jvp, base.needs_marginal_velocity
 
     def mu_at(self, step: int) -> float:
         """μ(step): constant, or decayed linearly / by cosine to 0 at ``active_until_step`` (0 after it)."""

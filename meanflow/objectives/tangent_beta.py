@@ -18,6 +18,8 @@ from .meanflow import MeanFlow
 
 
 class TangentBeta(MeanFlow):
+    needs_marginal_velocity = True   # the exact β* diagnostic (§6), where the data knows its marginal velocity
+
     def proxy_velocity(self, model, z, t, y, ctx) -> torch.Tensor:
         kind = self.cfg.tangent_beta.proxy
         with torch.no_grad():

@@ -67,7 +67,7 @@ class FSDP2Engine(Engine):
         dist.all_reduce(squares)
         return squares.sqrt()
 
-    # DCP reads and writes these (sharded) state dicts; see platform/checkpoint.py.
+    # DCP reads and writes these (sharded) state dicts; see platform/checkpoint/store.py.
     def state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
