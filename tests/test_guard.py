@@ -198,6 +198,19 @@ def test_a_rollback_discards_the_abandoned_checkpoints(tmp_path):
     assert trainer.store.steps() == [10]
 
 
+def test_a_rollback_uncommits_an_abandoned_step_an_evaluation_holds(tmp_path):
+    """A pinned step of the abandoned trajectory keeps its files for its reader, but is no longer committed: it is
+    never resumed, and training saves that step anew when it gets there."""
+    trainer = Trainer(load_config("toy2d_mf", toy(tmp_path, "run.steps=1")))
+    for step in (10, 20):
+        trainer.store.save(step, trainer.engine, {"step": step, "rng": []}, {"data": {}})
+    trainer.store.pin(20, "evaluation")
+    trainer.store.discard_after(15)
+    assert trainer.store.steps() == [10] and (tmp_path / "checkpoints" / "step-00000020" / "model.pt").exists()
+    trainer.store.save(20, trainer.engine, {"step": 20, "rng": []}, {"data": {}})
+    assert trainer.store.steps() == [10, 20]
+
+
 # ------------------------------------------------------------------------------------------------ recovery, unit
 class CountingStream:
     """A data stream reduced to its position: global batches read."""

@@ -68,17 +68,20 @@ class Retention:
             self._delete_step(step)
 
     def discard_after(self, step: int) -> None:
-        """Delete committed steps newer than ``step`` (a rollback abandoned them). A pass still running first gets
-        its time: it listed the store before the rollback, so it must not see the saves that follow it."""
+        """Delete committed steps newer than ``step`` (a rollback abandoned them). A pinned one (an evaluation
+        reads it) only loses its COMMIT: it must never be resumed, and training will save that step anew; its
+        files go once it is unpinned. A pass still running first gets its time: it listed the store before the
+        rollback, so it must not see the saves that follow it."""
         self.wait_for_pruning()
         scan: Scan = self.scan()
-        for newer in [s for s in scan.committed if s > step and s not in scan.pinned]:
-            self._delete_step(newer)
+        for newer in [s for s in scan.committed if s > step]:
+            self._delete_step(newer, keep_files=newer in scan.pinned)
 
-    def _delete_step(self, step: int) -> None:
+    def _delete_step(self, step: int, keep_files: bool = False) -> None:
         """COMMIT first, so a half-deleted step is never taken for committed; a part already gone is no error."""
         directory = join(self.path, step_dir(step))
-        for path, recursive in ((join(directory, COMMIT), False), (directory, True)):
+        parts = [(join(directory, COMMIT), False)] + ([] if keep_files else [(directory, True)])
+        for path, recursive in parts:
             try:
                 self.fs.rm(path, recursive=recursive)
             except FileNotFoundError:
