@@ -44,6 +44,16 @@ def test_a_second_live_writer_is_refused_and_nothing_is_written(tmp_path, live_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [LEASE]            # no config, metrics or checkpoint
 
 
+def test_a_second_live_writer_is_refused_before_a_job_is_submitted(tmp_path, live_process, capsys):
+    from meanflow.jobs.submit import main as submit
+
+    pid, started = live_process
+    write_lease(tmp_path, host=socket.gethostname(), pid=pid, started=started, renewed=time.time())
+    assert submit(["--cluster", "local", "--config", "toy2d_mf", "--run-dir", str(tmp_path), "run.steps=4"]) == 2
+    assert f"pid {pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEASE]            # no jobs.jsonl record either
+
+
 def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     started = psutil.Process(proc.pid).create_time()

@@ -156,17 +156,18 @@ def test_a_preempted_job_requeues_and_resumes_exactly(straight_run, tmp_path):
 
 
 @needs_slurm
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1260)
 def test_a_time_limit_shorter_than_the_run_requeues_until_done(s3_server, tmp_path):
     """A 2-minute limit with USR2 30 s before it: each job instance trains until the signal, saves, requeues.
     SLURM sends the signal up to 60 s early, so 30–90 s into an instance; the run is sized to need more training
     than any instance can do in 90 s (900 steps ≈ 90 s at the fastest rate seen here, ~10 steps/s)."""
     fsspec.filesystem("s3").mkdir("slurm-timeout")
     run_dir = "s3://slurm-timeout/run"
-    jobs = submit_tiny(run_dir, tmp_path, "--time", "2", "cluster.signal_delay_s=30", "cluster.max_requeues=8",
+    # ~2 instances at the fastest rate; a slow (shared) 2-core machine was seen needing 8, 90 s apart
+    jobs = submit_tiny(run_dir, tmp_path, "--time", "2", "cluster.signal_delay_s=30", "cluster.max_requeues=12",
                        "run.steps=900", "checkpoint.every=0", "run.log_every=50", "eval.at_end=false")
-    assert wait_done(jobs["train"], tmp_path, timeout_s=540) == "COMPLETED"
+    assert wait_done(jobs["train"], tmp_path, timeout_s=1200) == "COMPLETED"
     ledger = read_lines(f"{run_dir}/jobs.jsonl")
     requeues = [r for r in ledger if r["event"] == "requeue"]
-    assert requeues and all(r["reason"] == "timeout" for r in requeues) and len(requeues) <= 8, requeues
+    assert requeues and all(r["reason"] == "timeout" for r in requeues) and len(requeues) <= 12, requeues
     assert [s for s, _ in train_losses(run_dir)] == list(range(50, 901, 50))

@@ -15,8 +15,8 @@ from meanflow.models.execution import configure_execution
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import ConfigError
-from meanflow.platform.distributed import DistEnv
-from meanflow.platform.engines import build_engine
+from meanflow.platform.distributed import DistEnv, init_distributed
+from meanflow.platform.engines import SHARDED_KINDS, build_engine
 from meanflow.platform.guard import Guard, Recovery, RollbackTargets, build_fault_injector
 from meanflow.platform.storage import join
 
@@ -29,6 +29,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
     return torch.device(name)
+
+
+def process_group(cfg: DictConfig, env: DistEnv, device: torch.device) -> None:
+    """The default process group for a launched world, and for a sharded engine even alone."""
+    init_distributed(env, device, cfg.engine.process_group_timeout_s, required=cfg.engine.kind in SHARDED_KINDS)
 
 
 def data_stream(cfg: DictConfig, env: DistEnv):

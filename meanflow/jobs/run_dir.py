@@ -13,6 +13,7 @@ from meanflow.models import build_model
 from meanflow.models.execution import set_block_execution
 from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
 from meanflow.platform.config import ConfigError, load_config_text
+from meanflow.platform.run_lease import RunLease
 from meanflow.platform.storage import filesystem, join, read_bytes
 
 from .preflight import check_resumable
@@ -76,8 +77,10 @@ def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, devi
 def check_training_run_dir(cfg: DictConfig, world_size: int) -> None:
     """What the trainer would refuse about ``run.run_dir``, checked before a training job is submitted (and
     recorded in the run's jobs.jsonl): not a directory; ``run.resume`` with nothing to resume; checkpoints of a
-    run with another model, objective or data section (or DeepSpeed's, of another world size)."""
+    run with another model, objective or data section (or DeepSpeed's, of another world size); another live job
+    writing it."""
     read_stored_config(cfg.run.run_dir, flag="run.run_dir:")
+    RunLease(cfg.run.run_dir).check_free()
     store = open_store(cfg, cfg.run.run_dir)
     commits = store.commits()
     check_resumable(cfg, cfg.engine.kind, commits[max(commits)] if commits else None, world_size, store.url)

@@ -18,7 +18,7 @@ from meanflow.data_pipeline import UNUSABLE_DATA, ShardUnreadable, merge_stream_
 from meanflow.evaluation.outputs import describe_metrics, write_results
 from meanflow.platform.checkpoint import StorageOutage
 from meanflow.platform.config import ConfigError, save_config
-from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, init_distributed, resolve_env, shutdown
+from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, resolve_env, shutdown
 from meanflow.platform.metrics import MetricsSink, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
 from meanflow.platform.storage import join, write_bytes_atomic
@@ -42,8 +42,7 @@ class Trainer:
         self.device = components.resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
         self.env = resolve_env()
-        init_distributed(self.env, self.device, cfg.engine.process_group_timeout_s,
-                         required=cfg.engine.kind in ("fsdp2", "deepspeed"))
+        components.process_group(cfg, self.env, self.device)
         self.stream = components.data_stream(cfg, self.env)
         self.engine = components.training_engine(cfg, self.device, self.env)
         self.objective, self.context = components.objective_with_context(cfg, self.stream, self.env)
@@ -179,8 +178,7 @@ class Trainer:
                 self._after_step(stats, progress)
             if self.state.saved_step != self.step:
                 self.save()
-            self.store.wait()   # the last upload commits before evaluation and exit
-            self.store.close()
+            self.store.close()   # the last upload commits (and retention gets its time) before evaluation and exit
             self._announce_commits()
         except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err

@@ -70,8 +70,8 @@ class RunLease:
     def _write(self) -> None:
         write_bytes_atomic(self.url, json.dumps({**self.record, "renewed": time.time()}).encode())
 
-    def acquire(self) -> None:
-        """Take the lease or raise RunDirBusy naming the holder; then keep renewing it in a daemon thread."""
+    def check_free(self) -> None:
+        """Raise RunDirBusy naming the holder unless the lease is free (also asked before a job is submitted)."""
         held = self._read()
         if not self._free(held):
             age = time.time() - held.get("renewed", 0)
@@ -80,6 +80,10 @@ class RunLease:
                              f"{held.get('slurm_job_id') or '-'}, lease renewed {age:.0f}s ago); stop it, or choose "
                              f"another --run-dir (a dead holder's lease expires {self.ttl_s:g}s after its last "
                              "renewal)")
+
+    def acquire(self) -> None:
+        """Take the lease or raise RunDirBusy; then keep renewing it in a daemon thread."""
+        self.check_free()
         self._write()
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="run-lease")
         self._renewer.start()

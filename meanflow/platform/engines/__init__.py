@@ -14,6 +14,7 @@ from .jvp_smoke import EngineJVPError, jvp_smoke_test
 from .replicated import ReplicatedEngine, SingleProcessEngine
 
 KINDS = ("single", "ddp", "fsdp2", "deepspeed")
+SHARDED_KINDS = ("fsdp2", "deepspeed")   # need a process group even alone (their state is written per rank)
 
 
 def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], device: torch.device,
@@ -32,4 +33,4 @@ def build_engine(engine_cfg, optim_cfg, model_factory: Callable[[], nn.Module], 
     return cls(model, make_ema(model, optim_cfg), optim_cfg, device, engine_cfg.precision)
 
 
-__all__ = ["Engine", "EngineJVPError", "KINDS", "build_engine", "jvp_smoke_test", "lr_at"]
+__all__ = ["Engine", "EngineJVPError", "KINDS", "SHARDED_KINDS", "build_engine", "jvp_smoke_test", "lr_at"]
