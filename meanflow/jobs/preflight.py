@@ -69,9 +69,7 @@ def check_engine_jvp(engine, objective, stream, cfg: DictConfig, device) -> floa
                                         seed=cfg.run.seed), None
     except EngineJVPError as err:
         error, failure = None, str(err)
-    failures = [f for f in all_gather_objects(failure) if f]
-    if failures:
-        raise EngineJVPError(failures[0])
+    _raise_if_any_rank_failed(failure, EngineJVPError)
     return error
 
 
@@ -84,7 +82,12 @@ def take_run_lease(run_dir: str, is_main: bool) -> RunLease | None:
             lease.acquire()
     except ConfigError as err:
         error = str(err)
-    errors = [e for e in all_gather_objects(error) if e]
-    if errors:
-        raise ConfigError(errors[0])
+    _raise_if_any_rank_failed(error, ConfigError)
     return lease
+
+
+def _raise_if_any_rank_failed(message: str | None, kind: type[Exception]) -> None:
+    """Collective: every rank raises the first rank's failure (as ``kind``), or none does."""
+    failures = [m for m in all_gather_objects(message) if m]
+    if failures:
+        raise kind(failures[0])
