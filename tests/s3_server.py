@@ -16,20 +16,22 @@ from pathlib import Path
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class MotoServer:
-    def __init__(self, log_dir: Path):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    """``host``: the address it listens on (loopback; the multi-host cluster's gateway for jobs on its hosts)."""
+
+    def __init__(self, log_dir: Path, host: str = "127.0.0.1"):
+        self.port = free_port(host)
+        self.endpoint = f"http://{host}:{self.port}"
         self.log_path = log_dir / "moto.log"
         moto_server = Path(sys.executable).with_name("moto_server")
         self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([str(moto_server), "-H", "127.0.0.1", "-p", str(self.port)],
+        self.process = subprocess.Popen([str(moto_server), "-H", host, "-p", str(self.port)],
                                         stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:

@@ -123,7 +123,7 @@ def shard_moments(url: str, extractor: FeatureExtractor, rank: int = 0, world_si
 
 
 def main(argv=None) -> int:
-    from meanflow.platform.distributed import init_distributed, resolve_env, shutdown
+    from meanflow.platform.distributed import init_distributed, resolve_env, shutdown, task_device
 
     p = argparse.ArgumentParser(prog="python -m meanflow.evaluation.reference_stats",
                                 description="FID reference statistics (mu, sigma) of a WebDataset of real images")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=0, help="images per rank (0: all)")
     args = p.parse_args(argv)
     env = resolve_env()
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = task_device("auto", env.local_rank)
     init_distributed(env, device, timeout_s=600)
     try:
         extractor = load_feature_extractor(args.feature_extractor, args.feature_weights, device)

@@ -85,8 +85,10 @@ def make_executor(cluster, kind: str, folder: Path, name: str, *, nodes: int, ta
             extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
         if nice is not None:
             extra["nice"] = str(nice)
+        # --kill-on-bad-exit: a rank that fails (a timed-out collective, a lost peer) ends the whole step, so a
+        # hung or stopped rank cannot hold every node until the time limit
         params.update(slurm_signal_delay_s=cluster.signal_delay_s, slurm_setup=list(cluster.setup),
-                      slurm_additional_parameters=extra)
+                      slurm_additional_parameters=extra, slurm_srun_args=["--kill-on-bad-exit=1"])
         for key in ("partition", "account", "qos", "constraint"):
             if cluster[key]:
                 params[f"slurm_{key}"] = cluster[key]
@@ -101,11 +103,12 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
 
 
 def eval_executor(cfg, kind: str, dependency: str | None = None, nice: int | None = None) -> submitit.AutoExecutor:
-    """An evaluation job's executor (``eval.tasks`` tasks on one node, ``eval.time``)."""
+    """An evaluation job's executor: ``eval.tasks`` tasks spread evenly over ``eval.nodes``, ``eval.time``."""
     cluster = cfg.cluster
-    gpus = min(cfg.eval.tasks, cluster.gpus_per_node) if cluster.gpus_per_node else 0
+    tasks = cfg.eval.tasks // cfg.eval.nodes
+    gpus = min(tasks, cluster.gpus_per_node) if cluster.gpus_per_node else 0
     return make_executor(cluster, kind, submission_folder(cluster, cfg.run.name, "eval"), f"eval-{cfg.run.name}",
-                         nodes=1, tasks=cfg.eval.tasks, gpus=gpus, time=cfg.eval.time, time_key="eval.time",
+                         nodes=cfg.eval.nodes, tasks=tasks, gpus=gpus, time=cfg.eval.time, time_key="eval.time",
                          dependency=dependency, nice=nice)
 
 

@@ -15,7 +15,7 @@ from meanflow.models.execution import configure_execution
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import ConfigError
-from meanflow.platform.distributed import DistEnv, init_distributed
+from meanflow.platform.distributed import DistEnv, DistributedEnvError, init_distributed, task_device
 from meanflow.platform.engines import SHARDED_KINDS, build_engine
 from meanflow.platform.guard import Guard, Recovery, RollbackTargets, build_fault_injector
 from meanflow.platform.storage import join
@@ -23,12 +23,13 @@ from meanflow.platform.storage import join
 from .preflight import check_batch_splits, check_data_fits_model
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, env: DistEnv) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
-    return torch.device(name)
+    try:
+        return task_device(name, env.local_rank)
+    except DistributedEnvError as err:   # more tasks than GPUs on a node: the submission's settings, exit 2
+        raise ConfigError(str(err)) from err
 
 
 def process_group(cfg: DictConfig, env: DistEnv, device: torch.device) -> None:

@@ -22,7 +22,8 @@ from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_set
 from meanflow.evaluation.outputs import describe_metrics, is_evaluated, write_results
 from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import ConfigError
-from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown
+from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown, \
+    task_device
 
 from .outcome import run_command
 from .run_dir import load_run_config, load_sampling_model, open_store, resolve_step
@@ -33,7 +34,7 @@ def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: boo
     """Evaluate ``steps`` (default: the newest committed; ``every_step``: all committed). Collective when
     launched on several ranks. Returns the metrics rows of the steps evaluated here."""
     env, stdout = resolve_env(), stdout or sys.stdout
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = task_device("auto", env.local_rank)
     cfg = load_run_config(run_dir, overrides)
     init_distributed(env, device, cfg.engine.process_group_timeout_s)
     try:

@@ -20,13 +20,31 @@ from meanflow.platform.config import load_config_text
 from .outcome import job_result
 
 
-def export_distributed_env() -> None:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's environment (all tasks, any node).
-    CUDA_VISIBLE_DEVICES is left alone: the platform binds rank r to GPU LOCAL_RANK itself."""
+def export_distributed_env(network_interface: str | None = None) -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's environment (all tasks, any node), and
+    the collectives' own variables (distributed.collective_variables). CUDA_VISIBLE_DEVICES is left alone: the
+    platform binds rank r to GPU LOCAL_RANK itself. Each task says who it is in its log, first thing."""
     import submitit
+
+    from meanflow.platform.distributed import collective_variables, describe_task
 
     if submitit.JobEnvironment().num_tasks > 1 or "RANK" not in os.environ:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ.update(collective_variables(network_interface, os.environ))
+    print(describe_task(os.environ), flush=True)
+
+
+class JobFailed(RuntimeError):
+    """A SLURM task whose run failed: raised so that the task exits non-zero. SLURM then records the job FAILED,
+    drops the evaluation that waits on ``afterok``, and srun (``--kill-on-bad-exit``) ends the other ranks."""
+
+
+def finish(result: dict, cluster_kind: str) -> dict:
+    """A job callable's result: returned to the submitting command, or on SLURM, where nobody waits for it,
+    raised when the run failed."""
+    if result["exit_code"] and cluster_kind == "slurm":
+        raise JobFailed(result["message"])
+    return result
 
 
 class TrainJob:
@@ -41,8 +59,8 @@ class TrainJob:
         from meanflow.jobs.cluster import minutes, record_job
         from meanflow.jobs.train import Trainer   # torch, at last
 
-        export_distributed_env()
         cfg = load_config_text(self.config_yaml, "the submitted config")
+        export_distributed_env(cfg.cluster.network_interface)
         scheduler = EvalScheduler(cfg, self.cluster_kind) if cfg.eval.every and cfg.eval.mode == "job" else None
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 and "SLURM_JOB_ID" in os.environ:
@@ -53,15 +71,16 @@ class TrainJob:
             Trainer(cfg, preemption=flag, on_commit=scheduler).run()
 
         try:
-            return job_result(train)
+            return finish(job_result(train), self.cluster_kind)
         except Preempted as stop:
             if rank == 0:
                 requeued = requeue(cfg.run.run_dir, flag, minutes(cfg.cluster.time, "cluster.time"),
                                    cfg.cluster.signal_delay_s, cfg.cluster.max_requeues, stop.step)
                 if not requeued:
-                    return {"exit_code": 1, "message": f"failed: time limit reached {cfg.cluster.max_requeues} "
-                                                       f"times (cluster.max_requeues); resubmit with --resume"}
-            exit_for_requeue()
+                    return finish({"exit_code": 1, "message": f"failed: time limit reached {cfg.cluster.max_requeues} "
+                                                              "times (cluster.max_requeues); resubmit with --resume"},
+                                  self.cluster_kind)
+            exit_for_requeue(rank)
 
     def checkpoint(self, *args, **kwargs):   # noqa: D401 - submitit's hook, never used: see preemption.py
         return None
@@ -83,7 +102,9 @@ class EvalJob:
         def evaluate() -> None:
             evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides)
 
-        export_distributed_env()
+        from meanflow.jobs.run_dir import load_run_config
+
+        export_distributed_env(load_run_config(self.run_dir, self.overrides).cluster.network_interface)
         return job_result(self._watch if self.watch else evaluate)
 
     def _watch(self, poll_s: float = 30.0) -> None:

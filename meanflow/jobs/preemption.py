@@ -71,8 +71,10 @@ def requeue(run_dir: str, flag: StopFlag, time_limit_min: int, signal_delay_s: i
     return True
 
 
-def exit_for_requeue() -> None:
+def exit_for_requeue(rank: int) -> None:
     """Leave without a result: submitit then writes no result file, and the requeued job produces the real one.
-    (SystemExit passes through submitit's job wrapper, which only catches Exception.)"""
+    (SystemExit passes through submitit's job wrapper, which only catches Exception.) Only rank 0, which has
+    requeued the job by now, exits non-zero: srun's --kill-on-bad-exit would end rank 0 mid-requeue if another
+    rank's exit were a bad one."""
     sys.stdout.flush()
-    sys.exit(-1)
+    sys.exit(-1 if rank == 0 else 0)

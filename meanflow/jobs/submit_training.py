@@ -34,7 +34,7 @@ def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
         train_cfg.eval.at_end = False
     watcher_cfg = copy.deepcopy(cfg)
     # one poller: ranks polling on their own could disagree on the steps to evaluate
-    watcher_cfg.eval.tasks = 1
+    watcher_cfg.eval.tasks = watcher_cfg.eval.nodes = 1
     # Refusals first: nothing is created, submitted or recorded for a run that would be refused.
     time_limit_min(cluster, kind, cluster.time, "cluster.time")
     if final_eval_job or cfg.eval.every:   # and not once training is queued, by the first evaluation's submission

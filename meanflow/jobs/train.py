@@ -39,9 +39,9 @@ class Trainer:
         self.cfg, self.stdout = cfg, stdout or sys.stdout
         self.preemption, self.on_commit = preemption, on_commit
         self.pending_commits: list[int] = []
-        self.device = components.resolve_device(cfg.engine.device)
         self.run_dir = cfg.run.run_dir
         self.env = resolve_env()
+        self.device = components.resolve_device(cfg.engine.device, self.env)
         components.process_group(cfg, self.env, self.device)
         self.stream = components.data_stream(cfg, self.env)
         self.engine = components.training_engine(cfg, self.device, self.env)

@@ -413,7 +413,9 @@ class EvalConfig:
     """How scheduled evaluations run: job (one job per committed step, submitted by training rank 0) or watcher
     (one long-lived job that polls the checkpoint store)."""
     tasks: int = bounded(1, ge=1)
-    """Ranks of an evaluation job (GPUs on a GPU cluster)."""
+    """Ranks of an evaluation job in all (GPUs on a GPU cluster), spread evenly over ``eval.nodes``."""
+    nodes: int = bounded(1, ge=1)
+    """Nodes of an evaluation job; must divide ``eval.tasks``."""
     time: str = "01:00:00"
     """Wall-time limit of an evaluation job."""
     watch_idle_s: int = bounded(3600, ge=1)
@@ -453,6 +455,9 @@ class ClusterConfig:
     """Times a job that hit its time limit is requeued (preemptions are not counted)."""
     log_dir: str = "./slurm_logs"
     """Shared-filesystem folder for submitit's job files and logs (each submission gets its own subfolder)."""
+    network_interface: Optional[str] = None
+    """The interface ranks talk over (e.g. ib0, eth0): exported to every task as NCCL_SOCKET_IFNAME and
+    GLOO_SOCKET_IFNAME. Unset: NCCL and gloo pick one themselves (on hosts with several, not always the right one)."""
 
 
 @dataclass
@@ -619,6 +624,9 @@ def validate(cfg: DictConfig, source: str) -> None:
     if cfg.data.global_batch % cfg.optim.grad_accum:
         raise ConfigError(f"{source}: key 'optim.grad_accum': {cfg.optim.grad_accum} does not divide "
                           f"data.global_batch = {cfg.data.global_batch}")
+    if cfg.eval.tasks % cfg.eval.nodes:
+        raise ConfigError(f"{source}: key 'eval.nodes': {cfg.eval.nodes} does not divide eval.tasks = "
+                          f"{cfg.eval.tasks} (the tasks are spread evenly over the nodes)")
     if (cfg.data.name == "webdataset") != bool(cfg.data.url):
         raise ConfigError(f"{source}: key 'data.url': set it exactly when data.name is 'webdataset' "
                           f"(data.name={cfg.data.name!r}, data.url={cfg.data.url!r})")

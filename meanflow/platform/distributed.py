@@ -51,6 +51,47 @@ def resolve_env(environ=None) -> DistEnv:
     return env
 
 
+# A rank left waiting in a collective holds every node of its job until the wall-time limit: NCCL's watchdog must
+# tear it down when a collective times out (torch's default, 3); 0 and 2 leave it waiting.
+NCCL_TEARDOWN = ("TORCH_NCCL_ASYNC_ERROR_HANDLING", ("1", "3"), "3")
+
+
+def collective_variables(network_interface: str | None, environ) -> dict[str, str]:
+    """The variables a task sets before its process group starts: the interface NCCL and gloo use
+    (``cluster.network_interface``), and NCCL's teardown on a timed-out collective where the site's environment
+    turned it off (said in the task's log)."""
+    out = {}
+    if network_interface:
+        out.update(NCCL_SOCKET_IFNAME=network_interface, GLOO_SOCKET_IFNAME=network_interface)
+    key, tearing_down, default = NCCL_TEARDOWN
+    if environ.get(key, default) not in tearing_down:
+        print(f"{key}={environ[key]} would leave a rank waiting on a timed-out collective; set to {default}",
+              flush=True)
+        out[key] = default
+    return out
+
+
+def describe_task(environ) -> str:
+    """One log line: who this task is and whom it will meet (MASTER_ADDR), on which host."""
+    return (f"task: rank {environ.get('RANK', 0)} of {environ.get('WORLD_SIZE', 1)}, local rank "
+            f"{environ.get('LOCAL_RANK', 0)} on host {socket.gethostname()}, master "
+            f"{environ.get('MASTER_ADDR', '-')}:{environ.get('MASTER_PORT', '-')}")
+
+
+def task_device(requested: str, local_rank: int) -> torch.device:
+    """The device of this task: ``auto`` is the GPU when one is visible. On GPUs, one task per GPU: task
+    LOCAL_RANK uses GPU LOCAL_RANK of its node."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested != "cuda":
+        return torch.device(requested)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local_rank >= visible:
+        raise DistributedEnvError(f"LOCAL_RANK={local_rank} but this node shows {visible} GPU(s): one task per GPU "
+                                  "(cluster.gpus_per_node sets both the GPUs and the tasks of a node)")
+    return torch.device("cuda", local_rank)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +106,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, requi
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.distributed or "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)

@@ -4,8 +4,9 @@ it writes anything and renews while it trains.
 Without it, a run whose submitting process died (``--cluster local``: the job's processes live on) kept training,
 and a rerun trained a second copy into the same directory: interleaved metrics, shared step directories. A lease
 is free when it is absent, released, not renewed within its ``ttl_s`` (the holder died on another host), held by
-a dead process of this host, or held by an earlier instance of the same SLURM job (a requeued job restarts after
-its old instance has ended). Otherwise a second writer is refused with the holder's identity.
+a dead process of this host, held by a SLURM job that SLURM says has ended (a job whose node died, or that srun
+killed, never released its lease), or held by an earlier instance of the same SLURM job (a requeued job restarts
+after its old instance has ended). Otherwise a second writer is refused with the holder's identity.
 
 Object stores have no compare-and-swap: two writers that start within the same second could both write the lease.
 The renewal thread reads it back every ``ttl_s / 4``; a writer that finds another holder there stops at its next
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -33,6 +35,25 @@ LEASE = "LEASE.json"
 
 class RunDirBusy(ConfigError):
     """Another live job writes this run directory (exit code 2: nothing was written)."""
+
+
+# squeue's states of a job that will not run again (a requeued job is PENDING: it will)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "TIMEOUT"}
+
+
+def _slurm_job_ended(job_id: str) -> bool:
+    """True when SLURM answers that the job has ended or no longer knows it; False when it runs, waits to, or
+    SLURM cannot be asked (then the lease's time-to-live decides)."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"], capture_output=True,
+                             text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if out.returncode != 0:
+        return "invalid job id" in out.stderr.lower()
+    states = set(out.stdout.split())
+    return not states or states <= SLURM_ENDED
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -65,7 +86,10 @@ class RunLease:
             return True
         if held.get("host") == self.record["host"]:
             return held.get("pid") == self.record["pid"] or not _process_alive(held["pid"], held.get("started", 0))
-        return bool(self.record["slurm_job_id"]) and held.get("slurm_job_id") == self.record["slurm_job_id"]
+        held_job = held.get("slurm_job_id")
+        if held_job and held_job == self.record["slurm_job_id"]:
+            return True
+        return bool(held_job) and _slurm_job_ended(held_job)
 
     def _write(self) -> None:
         write_bytes_atomic(self.url, json.dumps({**self.record, "renewed": time.time()}).encode())

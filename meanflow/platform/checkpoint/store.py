@@ -111,7 +111,7 @@ class CheckpointStore(Retention):
         already committed is refused (CheckpointError): a commit is never rewritten."""
         self.wait()
         # Rank 0 looks (one read, not one per rank) and every rank follows its answer: all refuse, or none.
-        if all_gather_objects(self.rank == 0 and self._commit_exists(step))[0]:
+        if all_gather_objects(self.rank == 0 and self._committed_else_cleared(step))[0]:
             raise CheckpointError(f"{self.step_url(step)} is already committed; a commit is immutable, refusing "
                                   "to rewrite it")
         staged = self._stage(engine, train_state)
@@ -134,6 +134,18 @@ class CheckpointStore(Retention):
         if not self.wait_for_pruning(timeout_s):
             warnings.warn(f"checkpoint retention pass in {self.url} still running after {timeout_s:g}s; the next "
                           "run's first commit finishes it", stacklevel=2)
+
+    def _committed_else_cleared(self, step: int) -> bool:
+        """True when ``step`` is committed. Otherwise a directory of it, left by a writer killed mid-save (whose
+        world may have had more ranks: their shards would lie beside this save's files), is removed before any
+        rank writes; a pinned one is left, its files being read."""
+        if self._commit_exists(step):
+            return True
+        directory = join(self.path, step_dir(step))
+        self.fs.invalidate_cache()
+        if self.fs.exists(directory) and not self.fs.exists(join(directory, PIN)):
+            self._delete_step(step)
+        return False
 
     def _commit_exists(self, step: int) -> bool:
         try:
