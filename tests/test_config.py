@@ -52,6 +52,12 @@ def test_grad_accum_must_divide_batch():
         load_config("tiny_mf", ["optim.grad_accum=3"])
 
 
+def test_eval_nodes_must_divide_eval_tasks():
+    with pytest.raises(ConfigError, match="'eval.nodes': 2 does not divide eval.tasks = 3"):
+        load_config("tiny_mf", ["eval.tasks=3", "eval.nodes=2"])
+    assert load_config("tiny_mf", ["eval.tasks=4", "eval.nodes=2"]).eval.nodes == 2
+
+
 def test_missing_config_file_lists_known_configs():
     with pytest.raises(ConfigError, match="tiny_mf"):
         load_config("no_such_config")

@@ -89,3 +89,34 @@ def test_a_holder_that_finds_another_writer_in_its_lease_marks_it_lost(tmp_path)
     assert lease.lost
     lease.release()
     assert json.loads((tmp_path / LEASE).read_text())["host"] == "elsewhere"   # not ours: left alone
+
+
+def test_a_lease_held_by_a_slurm_job_on_another_host_is_free_once_slurm_says_the_job_ended(tmp_path):
+    """A job whose node died (or that srun killed) never released its lease; a resubmission need not wait out the
+    time-to-live once SLURM reports the job ended. A running job's lease still refuses."""
+    from test_slurm import needs_slurm_reason
+
+    if needs_slurm_reason:
+        pytest.skip(needs_slurm_reason)
+
+    def sbatch(command: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", command], check=True,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+
+    def lease_from(job: str) -> None:
+        write_lease(tmp_path, host="another-host", pid=1, started=0.0, renewed=time.time(), job=job)
+
+    running, ended = sbatch("sleep 120"), sbatch("true")
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["squeue", "-h", "-j", ended, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30).stdout.strip() not in ("COMPLETED", ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        lease_from(ended)
+        RunLease(str(tmp_path)).check_free()
+        lease_from(running)
+        with pytest.raises(RunDirBusy, match=f"SLURM job {running}"):
+            RunLease(str(tmp_path)).check_free()
+    finally:
+        subprocess.run(["scancel", running], timeout=30)

@@ -25,8 +25,9 @@ def slurm_up() -> bool:
     return "is UP" in out.stdout
 
 
-needs_slurm = pytest.mark.skipif(not slurm_up(), reason="no slurmctld answers `scontrol ping` (start one with "
-                                                        "sudo bash tests/services/slurm.sh up)")
+needs_slurm_reason = "" if slurm_up() else ("no slurmctld answers `scontrol ping` (start one with sudo bash "
+                                            "tests/services/slurm.sh up)")
+needs_slurm = pytest.mark.skipif(bool(needs_slurm_reason), reason=needs_slurm_reason)
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -39,7 +40,7 @@ def test_dry_run_of_the_multi_node_example_prints_the_sbatch_script_and_config(t
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=ml", "#SBATCH --time=720",
                  "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=12", "source .venv/bin/activate",
-                 "srun --unbuffered"):
+                 "srun --unbuffered", "--kill-on-bad-exit=1"):
         assert line in script, line
     assert "USR1" not in script
     assert "size: XL" in config and "gpus_per_node: 8" in config and "time: '12:00:00'" in config
