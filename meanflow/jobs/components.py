@@ -23,7 +23,7 @@ from meanflow.platform.storage import join
 from .preflight import check_batch_splits, check_data_fits_model
 
 
-def resolve_device(name: str, env: DistEnv) -> torch.device:
+def resolve_device(name: str, env: DistEnv = DistEnv()) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
     try:
