@@ -139,3 +139,15 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path, capsys, command):
     for run_dir in (tmp_path / "file", tmp_path / "file" / "below"):
         assert submit([*command, "--run-dir", str(run_dir)]) == 2
         assert f"--run-dir {run_dir}" in capsys.readouterr().err
+
+
+def test_a_failed_run_fails_its_slurm_task_and_is_returned_elsewhere():
+    """On SLURM nobody waits for the result: the task must exit non-zero (JobFailed) so that SLURM records the job
+    FAILED and srun's --kill-on-bad-exit ends the other ranks. Elsewhere the submitting command reads the result."""
+    from meanflow.jobs.job_callables import JobFailed, finish
+
+    failed = {"exit_code": 1, "message": "failed: the guard gave up"}
+    with pytest.raises(JobFailed, match="the guard gave up"):
+        finish(failed, "slurm")
+    assert finish(failed, "local") == failed
+    assert finish({"exit_code": 0, "message": ""}, "slurm") == {"exit_code": 0, "message": ""}

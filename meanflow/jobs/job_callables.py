@@ -89,11 +89,11 @@ class TrainJob:
 class EvalJob:
     """``evaluate_steps`` on this job's tasks. ``watch``: keep polling the store for committed steps that are
     multiples of ``eval.every`` (and the final one) until the final step is evaluated or nothing new commits for
-    ``eval.watch_idle_s``."""
+    ``eval.watch_idle_s``. On SLURM a failed evaluation fails its job (``finish``)."""
 
-    def __init__(self, run_dir: str, steps: list[int] | None = None, every_step: bool = False,
+    def __init__(self, run_dir: str, cluster_kind: str, steps: list[int] | None = None, every_step: bool = False,
                  overrides: list[str] | None = None, watch: bool = False):
-        self.run_dir, self.steps, self.every_step = run_dir, steps, every_step
+        self.run_dir, self.cluster_kind, self.steps, self.every_step = run_dir, cluster_kind, steps, every_step
         self.overrides, self.watch = list(overrides or []), watch
 
     def __call__(self) -> dict:
@@ -105,7 +105,7 @@ class EvalJob:
         from meanflow.jobs.run_dir import load_run_config
 
         export_distributed_env(load_run_config(self.run_dir, self.overrides).cluster.network_interface)
-        return job_result(self._watch if self.watch else evaluate)
+        return finish(job_result(self._watch if self.watch else evaluate), self.cluster_kind)
 
     def _watch(self, poll_s: float = 30.0) -> None:
         from meanflow.jobs.evaluate import evaluate_steps
@@ -140,6 +140,7 @@ class EvalScheduler:
         from meanflow.jobs.cluster import submit_eval
 
         try:
-            submit_eval(self.cfg, self.cluster_kind, EvalJob(self.cfg.run.run_dir, [step]), f"step {step}")
+            job = EvalJob(self.cfg.run.run_dir, self.cluster_kind, [step])
+            submit_eval(self.cfg, self.cluster_kind, job, f"step {step}")
         except Exception:   # a failed submission must not kill training; the step can be evaluated by hand
             print(f"could not submit the evaluation of step {step}:\n{traceback.format_exc()}", file=sys.stderr)

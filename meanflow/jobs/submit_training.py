@@ -58,11 +58,11 @@ def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
     print(f"submitted training job {job.job_id}: {cluster.nodes} node(s) × {tasks} task(s), logs in {folder}",
           file=stdout)
     if final_eval_job:
-        final = submit_eval(cfg, kind, EvalJob(run_dir, [cfg.run.steps]), "final",
+        final = submit_eval(cfg, kind, EvalJob(run_dir, kind, [cfg.run.steps]), "final",
                             dependency=f"afterok:{job.job_id}")
         print(f"submitted final evaluation job {final.job_id} (after training succeeds)", file=stdout)
     if watcher:
-        watcher_job = submit_eval(watcher_cfg, kind, EvalJob(run_dir, watch=True), "watcher", nice=100)
+        watcher_job = submit_eval(watcher_cfg, kind, EvalJob(run_dir, kind, watch=True), "watcher", nice=100)
         print(f"submitted evaluation watcher job {watcher_job.job_id}", file=stdout)
     print(f"follow it with: python jobs/submit.py status --run-dir {run_dir}", file=stdout)
     return 0
