@@ -98,20 +98,22 @@ class EvalJob:
 
     def __call__(self) -> dict:
         from meanflow.jobs.evaluate import evaluate_steps
-
-        def evaluate() -> None:
-            evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides)
-
         from meanflow.jobs.run_dir import load_run_config
 
-        export_distributed_env(load_run_config(self.run_dir, self.overrides).cluster.network_interface)
-        return finish(job_result(self._watch if self.watch else evaluate), self.cluster_kind)
+        def evaluate() -> None:
+            cfg = load_run_config(self.run_dir, self.overrides)
+            export_distributed_env(cfg.cluster.network_interface)
+            if self.watch:
+                self._watch(cfg)
+            else:
+                evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides)
 
-    def _watch(self, poll_s: float = 30.0) -> None:
+        return finish(job_result(evaluate), self.cluster_kind)
+
+    def _watch(self, cfg, poll_s: float = 30.0) -> None:
         from meanflow.jobs.evaluate import evaluate_steps
-        from meanflow.jobs.run_dir import load_run_config, open_store
+        from meanflow.jobs.run_dir import open_store
 
-        cfg = load_run_config(self.run_dir, self.overrides)
         store = open_store(cfg, self.run_dir)
         last_new = time.monotonic()
         seen: set[int] = set()
