@@ -1,21 +1,25 @@
 """Step time and memory of every objective relative to flow matching, on the same model and batch.
 
     python bench/step_cost.py [--config tiny_mf] [--steps 20] [--warmup 3] [--objectives fm,mf,...]
-                              [--synthetic] [key=value ...]
+                              [--synthetic] [--keep-going] [key=value ...]
 
 A row is ``OBJECTIVE[+VARIANT...]``:
   +all       the JVP's tangent pass on every row (objective.jvp_all_rows) instead of only the rows with r ≠ t
   +naive     MF the way public PyTorch ports write it: torch.func.jvp over the whole model on every row, math
              attention, no compile (the baseline of issue 8)
+  +two_pass  MF the peers' other way (NVlabs/FastGen, zhuyu-cs/MeanFlow): that JVP under no_grad for the target
+             only, then a grad forward with the default (SDPA) attention for u, then the backward (issue 16)
   +math      attention inside the JVP forced to math (objective.jvp_attention=math; default auto = fused on GPU)
-  +compiled  engine.compile=outside_jvp         +ckpt  engine.activation_checkpointing=true
+  +compiled  engine.compile=outside_jvp         +compiled_jvp  engine.compile=all (the JVP compiled too)
+  +ckpt      engine.activation_checkpointing=true
 
 On a CPU every row is built first, then timed in ``--rounds`` interleaved rounds of ``--steps`` steps (median
-shown), so that the machine's noise hits every row alike; on a GPU one row at a time (memory). Prints ms/step, ratio to fm, the FLOP floor in forward-equivalents F
-(F measured: one no-grad forward of the batch) and ÷ floor, the activations autograd keeps for the backward (one
-step, measured with saved-tensor hooks), on CUDA the peak memory, the model TFLOP/s of the floor and MFU. ``--synthetic``: random
-data of the model's shape (latent models, B/2 and XL/2 on a GPU). Figures go to bench/RESULTS.md by hand, with the
-machine they came from.
+shown), so that the machine's noise hits every row alike; on a GPU one row at a time (memory), each printed as
+soon as it is measured. Prints ms/step, ratio to fm, the FLOP floor in forward-equivalents F (F measured: one
+no-grad forward of the batch) and ÷ floor, the activations autograd keeps for the backward (one step, measured with
+saved-tensor hooks), on CUDA the peak memory, the model TFLOP/s of the floor and MFU. ``--synthetic``: random data
+of the model's shape (latent models, B/2 and XL/2 on a GPU; bench/gpu_suite.py runs both). Figures go to
+bench/RESULTS.md by hand, with the machine they came from.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import platform
 import statistics
 import time
+import traceback
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,8 +43,9 @@ from meanflow.objectives.time_sampling import sample_time_pairs
 from meanflow.platform.config import load_config
 from meanflow.platform.engines import build_engine
 
-OBJECTIVES = ("fm", "mf", "mf+all", "mf+naive", "imf", "imf+all", "sg_lambda", "stability", "tangent_beta")
-VARIANTS = ("all", "naive", "math", "compiled", "ckpt")
+OBJECTIVES = ("fm", "mf", "mf+all", "mf+naive", "mf+two_pass", "imf", "imf+all", "sg_lambda", "stability",
+              "tangent_beta")
+VARIANTS = ("all", "naive", "two_pass", "math", "compiled", "compiled_jvp", "ckpt")
 # Dense bf16 peak (no sparsity) for MFU; other devices print no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -49,11 +55,15 @@ def configure(cfg, row: str) -> tuple[str, set[str]]:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--objectives: unknown variant(s) {sorted(unknown)} in {row!r}; known: {VARIANTS}")
-    cfg.objective.name = "mf" if "naive" in variants else name
+    peer = set(variants) & set(PEER_LOSS_FNS)
+    if (peer and name != "mf") or len(peer) > 1:
+        raise SystemExit(f"--objectives: {' and '.join(sorted(peer))} applies to mf alone, got {row!r}")
+    cfg.objective.name = name
     cfg.objective.jvp_all_rows = "all" in variants
-    if "naive" in variants or "math" in variants:
+    if peer or "math" in variants:
         cfg.objective.jvp_attention = "math"
-    cfg.engine.compile = "outside_jvp" if "compiled" in variants else "none"
+    cfg.engine.compile = ("all" if "compiled_jvp" in variants else "outside_jvp" if "compiled" in variants
+                          else "none")
     cfg.engine.activation_checkpointing = "ckpt" in variants
     if name == "sg_lambda":                       # λ = 1: the full extra backward through the JVP
         cfg.objective.sg_lambda.start = cfg.objective.sg_lambda.end = 1.0
@@ -63,17 +73,34 @@ def configure(cfg, row: str) -> tuple[str, set[str]]:
     return name, set(variants)
 
 
-def naive_mf_loss(cfg, model, batch, step, ctx):
-    """MF as public ports write it: one torch.func.jvp over the whole batch, then the stop-gradient target."""
+def _peer_mf_jvp(cfg, model, batch, step, ctx):
+    """MF's draw for this step (the objective's t, r and noise) and one torch.func.jvp over the whole batch, in the
+    caller's grad mode. Returns (u_of, (z, t, r), u, target), target = sg(v − (t − r) du/dt); no training CFG."""
     x, y = batch["x"], batch.get("y")
     rand = ctx.random(step, x.device)
     t, r = sample_time_pairs(rand, cfg.objective.time, x.dtype)
     e = rand.normal("e", *x.shape[1:], dtype=x.dtype)
     z, v = (1 - expand_like(t, x)) * x + expand_like(t, x) * e, e - x
-    u, dudt = torch.func.jvp(lambda z, t, r: model_u(model(z, t=t, r=r, y=y)), (z, t, r),
-                             (v, torch.ones_like(t), torch.zeros_like(r)))
-    target = (v - expand_like(t - r, x) * dudt).detach()
+    u_of = lambda z, t, r: model_u(model(z, t=t, r=r, y=y))
+    u, dudt = torch.func.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    return u_of, (z, t, r), u, (v - expand_like(t - r, x) * dudt).detach()
+
+
+def naive_mf_loss(cfg, model, batch, step, ctx):
+    """MF as public ports write it: u and du/dt from one grad-enabled JVP, then the stop-gradient target."""
+    _, _, u, target = _peer_mf_jvp(cfg, model, batch, step, ctx)
     return adaptive_weighted_loss(u - target, cfg.objective.weight_p, cfg.objective.weight_c)[0]
+
+
+def two_pass_mf_loss(cfg, model, batch, step, ctx):
+    """MF as NVlabs/FastGen and zhuyu-cs/MeanFlow write it: the JVP under no_grad gives only the target (its
+    attention has a tangent: math); a second, grad-enabled forward gives u (no tangent: SDPA, the fast backend)."""
+    with torch.no_grad():
+        u_of, inputs, _, target = _peer_mf_jvp(cfg, model, batch, step, ctx)
+    return adaptive_weighted_loss(u_of(*inputs) - target, cfg.objective.weight_p, cfg.objective.weight_c)[0]
+
+
+PEER_LOSS_FNS = {"naive": naive_mf_loss, "two_pass": two_pass_mf_loss}   # variant -> loss(cfg, model, batch, ...)
 
 
 def make_batches(cfg, n: int, device, synthetic: bool) -> list[dict]:
@@ -116,13 +143,15 @@ class Row:
     def __init__(self, cfg, row: str, steps: int, warmup: int, device, synthetic: bool):
         self.cfg, self.device, self.steps = cfg, device, steps
         name, self.variants = configure(cfg, row)
+        peer = self.variants & set(PEER_LOSS_FNS)
+        self.peer_loss = PEER_LOSS_FNS[peer.pop()] if peer else None   # MF as a peer writes it, not the objective
         torch.manual_seed(0)
         self.engine = build_engine(cfg.engine, cfg.optim, lambda: build_model(cfg.model), device, world_size=1)
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
         self.ctx = ObjectiveContext.single_process(cfg.data.global_batch, cfg.run.seed,
                                                    ema_model=self.engine.ema_model)
         self.batches = make_batches(cfg, steps + warmup, device, synthetic)
-        self.floor = floor_in_forwards(cfg, name, all_rows=bool(self.variants & {"all", "naive"}))
+        self.floor = floor_in_forwards(cfg, name, self.variants)
         self.saved_mb = saved_activation_mb(lambda: self.loss_of(0), self.engine.model.parameters())
         self.times_ms: list[float] = []
         self.peak_mb = 0.0
@@ -130,8 +159,8 @@ class Row:
 
     def loss_of(self, step):
         with self.engine.autocast():
-            if "naive" in self.variants:
-                return naive_mf_loss(self.cfg, self.engine.model, self.batches[step], step, self.ctx)
+            if self.peer_loss:
+                return self.peer_loss(self.cfg, self.engine.model, self.batches[step], step, self.ctx)
             return self.objective(self.engine.model, self.batches[step], step, self.ctx)[0]
 
     def run(self, steps) -> float:
@@ -187,12 +216,16 @@ def forward_cost(cfg, device, synthetic: bool, repeats: int = 10) -> tuple[float
     return (time.perf_counter() - start) / repeats * 1e3, float(counter.get_total_flops())
 
 
-def floor_in_forwards(cfg, name: str, all_rows: bool) -> float:
+def floor_in_forwards(cfg, name: str, variants: set[str]) -> float:
     """Issue 8's FLOP floor in forward-equivalents F: forward + backward 3F; the JVP's tangent pass 1F on the rows
-    with r ≠ t only (on every row for +all/+naive); each no-grad forward 1F (training CFG: 2; iMF: 2; the EMA or
-    boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows; stability 3F."""
+    with r ≠ t only (on every row for +all/+naive/+two_pass); each no-grad forward 1F (training CFG: 2; iMF: 2;
+    the EMA or boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows; stability 3F.
+    The peers' MF computes no training CFG: +naive 4F (the JVP's primal is the forward); +two_pass 5F (a no-grad
+    JVP, primal 1F + tangent 1F, then its own forward and backward 3F)."""
     o = cfg.objective
-    share = 1.0 if all_rows else 1.0 - o.time.share_r_eq_t
+    if variants & set(PEER_LOSS_FNS):
+        return 5.0 if "two_pass" in variants else 4.0
+    share = 1.0 if "all" in variants else 1.0 - o.time.share_r_eq_t
     cfg_on = cfg.model.num_classes and not (o.guidance.omega == 1.0 and o.guidance.kappa == 0.0)
     base = o.stability.base if name == "stability" else name
     if base == "fm":
@@ -221,6 +254,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--synthetic", action="store_true", help="random data of the model's shape")
+    p.add_argument("--keep-going", action="store_true",
+                   help="leave out a row that raises (traceback on stderr), print the others, exit with status 1")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     base = load_config(args.config, args.overrides)
@@ -232,33 +267,58 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     make_row = lambda row: Row(load_config(args.config, args.overrides), row, args.steps, args.warmup, device,
                                args.synthetic)
-    if device.type == "cpu":      # all rows alive at once, rounds interleaved
-        rows = {row: make_row(row) for row in args.objectives.split(",")}
+    failed: list[str] = []
+
+    def attempt(build, name: str):
+        """build(name), or with --keep-going None once its traceback is on stderr (the exit status becomes 1)."""
+        try:
+            return build(name)
+        except Exception:
+            if not args.keep_going:
+                raise
+            traceback.print_exc()
+            failed.append(name)
+            return None
+
+    def measured_alone(name: str) -> Row:   # one model in GPU memory at a time (XL/2: ~11 GB of weights and Adam)
+        row = make_row(name)
         for _ in range(args.rounds):
-            for row in rows.values():
-                row.time_round()
-    else:                         # one model in GPU memory at a time (XL/2: ~11 GB of weights and Adam state each)
-        rows = {}
-        for name in args.objectives.split(","):
-            row = make_row(name)
-            for _ in range(args.rounds):
-                row.time_round()
-            row.release()
-            rows[name] = row
-            torch.cuda.empty_cache()
+            row.time_round()
+        row.release()
+        torch.cuda.empty_cache()
+        return row
+
     f_ms, f_flops = forward_cost(base, device, args.synthetic)
     peak = peak_flops(device)
-    fm_ms = rows["fm"].ms if "fm" in rows else float("nan")
     print(f"F (one no-grad forward of the batch) = {f_ms:.1f} ms, {f_flops / 1e12:.4f} TFLOP; median of {args.rounds} "
           f"rounds of {args.steps} steps")
     print(f"{'row':<20}{'ms/step':>9}{'÷ fm':>7}{'floor F':>8}{'floor ms':>9}{'÷ floor':>8}{'saved MB':>10}"
-          f"{'peak MB':>9}{'TFLOP/s':>9}{'MFU':>6}")
-    for name, r in rows.items():
+          f"{'peak MB':>9}{'TFLOP/s':>9}{'MFU':>6}", flush=True)
+
+    def print_row(name: str, r: Row, fm_ms: float) -> None:
         tflops = r.floor * f_flops / (r.ms / 1e3) / 1e12
         mfu = f"{tflops * 1e12 / peak:>6.0%}" if peak else f"{'-':>6}"
         peak_mb = f"{r.peak_mb:>9.0f}" if device.type == "cuda" else f"{'-':>9}"
         print(f"{name:<20}{r.ms:>9.1f}{r.ms / fm_ms:>7.2f}{r.floor:>8.2f}{r.floor * f_ms:>9.1f}"
-              f"{r.ms / (r.floor * f_ms):>8.2f}{r.saved_mb:>10.1f}{peak_mb}{tflops:>9.3f}{mfu}")
+              f"{r.ms / (r.floor * f_ms):>8.2f}{r.saved_mb:>10.1f}{peak_mb}{tflops:>9.3f}{mfu}", flush=True)
+
+    names = args.objectives.split(",")
+    if device.type == "cpu":      # all rows alive at once, rounds interleaved
+        rows = {name: row for name in names if (row := attempt(make_row, name))}
+        for _ in range(args.rounds):
+            for row in rows.values():
+                row.time_round()
+        for name, row in rows.items():
+            print_row(name, row, rows["fm"].ms if "fm" in rows else float("nan"))
+    else:                         # each row printed once measured (a killed run keeps them; ÷ fm: list fm first)
+        fm_ms = float("nan")
+        for name in names:
+            if row := attempt(measured_alone, name):
+                fm_ms = row.ms if name == "fm" else fm_ms
+                print_row(name, row, fm_ms)
+    if failed:
+        print(f"# failed rows (tracebacks on stderr): {','.join(failed)}")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

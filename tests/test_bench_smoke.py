@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from meanflow.models import build_model
+from meanflow.objectives import ObjectiveContext
+from meanflow.platform.config import load_config
 
 pytestmark = pytest.mark.timeout(240)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+GPU_SUITE_SECTIONS = {"environment", "pytest_gpu", "step_cost_B2", "step_cost_XL2", "step_cost_compile_B2",
+                      "jvp_attention", "eval_throughput", "nccl", "checkpoint_XL2"}
 
 
 def run_bench(script: str, *args: str) -> list[list[str]]:
@@ -21,13 +29,64 @@ def run_bench(script: str, *args: str) -> list[list[str]]:
 
 
 def test_step_cost_prints_finite_rows_for_each_variant():
+    names = ("fm", "mf", "mf+naive", "mf+two_pass", "mf+ckpt")
     rows = run_bench("step_cost.py", "--steps", "1", "--warmup", "1", "--rounds", "1",
-                     "--objectives", "fm,mf,mf+naive,mf+ckpt", "data.global_batch=8")
-    table = {r[0]: r for r in rows if r[0] in ("fm", "mf", "mf+naive", "mf+ckpt")}
-    assert set(table) == {"fm", "mf", "mf+naive", "mf+ckpt"}
+                     "--objectives", ",".join(names), "data.global_batch=8")
+    table = {r[0]: r for r in rows if r[0] in names}
+    assert set(table) == set(names)
     for row in table.values():   # ms, ÷ fm, floor F, floor ms, ÷ floor, saved MB, (peak MB: '-' on CPU), TFLOP/s
         assert all(math.isfinite(float(v)) for v in [*row[1:7], row[8]]), row
     assert float(table["mf+ckpt"][6]) < float(table["mf"][6])      # kept activations: checkpointing keeps less
+    # The peers' MF has no training CFG (tiny_mf's is on): JVP with grad 4F; no-grad JVP 2F + forward, backward 3F
+    assert (float(table["mf+naive"][3]), float(table["mf+two_pass"][3])) == (4.0, 5.0)
+
+
+def test_two_pass_mf_gives_the_naive_loss_and_gradients(monkeypatch, one_thread):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import step_cost
+
+    cfg = load_config("tiny_mf", ["data.global_batch=8", "objective.weight_p=0.0"])   # plain L2: no loss ≈ 1
+    step_cost.configure(cfg, "mf+two_pass")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    with torch.no_grad():   # away from adaLN-zero's initial u ≡ 0, where du/dt = 0 and the JVP would not count
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = step_cost.make_batches(cfg, 1, torch.device("cpu"), synthetic=True)[0]
+    ctx = ObjectiveContext.single_process(8, seed=0)
+
+    def loss_and_grads(loss_fn, step):
+        model.zero_grad()
+        loss = loss_fn(cfg, model, batch, step, ctx)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    naive, naive_grads = loss_and_grads(step_cost.naive_mf_loss, 3)
+    two_pass, two_pass_grads = loss_and_grads(step_cost.two_pass_mf_loss, 3)
+    other_draw, _ = loss_and_grads(step_cost.two_pass_mf_loss, 4)
+    assert not torch.isclose(other_draw, naive, rtol=1e-3)   # the loss tells one step's draws from another's
+    torch.testing.assert_close(two_pass, naive)
+    for a, b in zip(two_pass_grads, naive_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.timeout(200)
+def test_gpu_suite_cpu_smoke_runs_and_reports_every_section(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--cpu-smoke", "--out", str(tmp_path),
+                          "--budget-s", "170"], capture_output=True, text=True, timeout=190)
+    sections = json.loads((tmp_path / "results.json").read_text())["sections"]
+    assert set(sections) == GPU_SUITE_SECTIONS
+    bad = {name: r for name, r in sections.items() if r["status"] not in ("ok", "skipped")}
+    assert not bad, json.dumps(bad, indent=1)[-4000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"## {name}\n" in report for name in GPU_SUITE_SECTIONS)
+    rows = {r["row"]: r for r in sections["step_cost_B2"]["figures"]["rows"]}
+    assert {"fm", "mf", "mf+naive", "mf+two_pass"} <= set(rows)
+    for name in ("step_cost_B2", "step_cost_XL2", "step_cost_compile_B2"):
+        for row in sections[name]["figures"]["rows"]:
+            figures = [row[k] for k in ("ms_per_step", "floor_F", "floor_ms", "x_floor", "saved_mb", "tflops")]
+            assert all(v is not None and math.isfinite(v) for v in figures), (name, row)
 
 
 def test_scaling_estimate_covers_8_64_256_gpus_for_each_engine():
