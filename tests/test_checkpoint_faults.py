@@ -4,12 +4,14 @@ store, a deleter killed at exit, a stale listing, a missing bucket, and the rete
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -246,3 +248,56 @@ def test_a_missing_bucket_is_an_error_naming_it_never_created(s3_server, tmp_pat
     assert not fs.exists("no-such-bucket")
     write_bytes_atomic(str(tmp_path / "new" / "dir" / "file"), b"x")   # local directories are still created
     assert (tmp_path / "new" / "dir" / "file").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("outage_s", [6.0, None], ids=["store-back-in-6s", "store-gone"])
+def test_a_frozen_store_holding_the_run_dir_never_hangs_the_run(outage_s, s3_server, s3_bucket, tmp_path):
+    """The whole run directory on s3:// (metrics, config, checkpoints) and the store frozen mid-run. Back within
+    checkpoint.max_outage_s: the run completes and no record is lost or doubled. Gone for good: the run stops
+    with TrainingFailed naming the limit and the URL, about max_outage_s after the freeze, never later."""
+    run_dir = f"{s3_bucket}/run"
+    cfg = load_config("toy2d_mf", [f"run.run_dir={run_dir}", "run.steps=1000", "run.log_every=10",
+                                   "checkpoint.every=250", "checkpoint.upload_timeout_s=2",
+                                   "checkpoint.max_outage_s=10", "eval.at_end=false"])
+    trainer = Trainer(cfg, stdout=io.StringIO())
+    frozen_at = []
+
+    def freeze():
+        frozen_at.append(time.monotonic())
+        os.kill(s3_server.process.pid, signal.SIGSTOP)
+        if outage_s is not None:
+            threading.Timer(outage_s, os.kill, (s3_server.process.pid, signal.SIGCONT)).start()
+
+    threading.Timer(1.0, freeze).start()
+    try:
+        if outage_s is None:
+            from meanflow.jobs.train import TrainingFailed
+            with pytest.raises(TrainingFailed, match=rf"unreachable for \d+s \(> checkpoint.max_outage_s=10\) at "
+                                                     rf"{run_dir}/"):
+                trainer.run()
+            # the limit, the attempt and backoff under way, the lease's bounded release, slack for a loaded machine
+            assert time.monotonic() - frozen_at[0] < 10 + 2 + 8 + 10 + 15
+            return
+        trainer.run()
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    assert frozen_at and trainer.step == 1000
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    records = [json.loads(line) for line in fs.cat(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == list(range(10, 1001, 10))
+    assert CheckpointStore(f"{run_dir}/checkpoints").steps() == [500, 750, 1000]
+
+
+def test_after_a_resume_every_step_has_one_metrics_record(tmp_path):
+    """A writer killed after step 12's record but before its step-15 save: the resumed run trains 11–15 again and
+    the file keeps one record per step (the dead writer's 11 and 12 are replaced)."""
+    overrides = [f"run.run_dir={tmp_path}", "run.steps=20", "run.log_every=1", "checkpoint.every=10",
+                 "eval.at_end=false"]
+    Trainer(load_config("toy2d_mf", [*overrides, "run.steps=12"]), stdout=io.StringIO()).run()
+    commit = tmp_path / "checkpoints" / "step-00000012" / "COMMIT.json"
+    commit.unlink()                                    # its last save never committed: resume from 10
+    Trainer(load_config("toy2d_mf", overrides), stdout=io.StringIO()).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 21))
+    assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [10, 12, 20]   # events: history

@@ -109,6 +109,9 @@ def test_nan_in_the_jvp_rolls_back_once_and_training_finishes(tmp_path):
     assert rollback["data_batches"] == 36 and rollback["data_batches_after"] == 36
     assert trainer.step == 60 and math.isfinite(losses(tmp_path)[-1])
     assert not events(tmp_path, "skip")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # steps 31–34 of the abandoned trajectory were trained again: their first records are gone
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 61))
 
 
 def test_a_single_spike_is_skipped_without_rollback(tmp_path):
@@ -333,6 +336,7 @@ def test_a_non_finite_loss_stops_the_step_before_the_optimizer(tmp_path):
     with pytest.raises(TrainingFailed, match="no healthy state to roll back to"):
         trainer.train_step(trainer.stream.next_batch())
     assert trainer.engine.calls == ["backward", "skip"] and trainer.step == 0
+    trainer.metrics.close()   # run() would: the records are uploaded in the background
     assert events(tmp_path, "fail")[0]["detector"] == "nonfinite:loss, nothing to roll back to"
 
 

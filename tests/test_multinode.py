@@ -115,6 +115,14 @@ def task_lines(log_dir, job_id: str) -> list[str]:
     return lines
 
 
+def wait_for_step_line(log_dir, job_id: str, timeout_s: float = 240) -> None:
+    """Until rank 0's log (a local file, unlike the metrics in the store) shows the first training step."""
+    deadline = time.monotonic() + timeout_s
+    while not any("step 1/" in log.read_text(errors="replace") for log in Path(log_dir).rglob(f"{job_id}_0_log.out")):
+        assert time.monotonic() < deadline and squeue_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.1)
+
+
 def task_pids(host: str) -> list[int]:
     """The job tasks (submitit's runner) inside one host's network namespace."""
     out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True, timeout=10)
@@ -165,12 +173,8 @@ def test_ddp_on_two_hosts_reproduces_one_process_and_each_task_knows_its_place(s
 def test_a_preempted_two_host_job_saves_on_every_host_requeues_and_resumes_exactly(store, reference, tmp_path,
                                                                                    capsys):
     run_dir = "s3://multi/preempted"
-    # a slower pace (one metrics write per step, a sync save each 10) leaves time to signal mid-run
     jobs = run_toy(run_dir, tmp_path, "engine.kind=ddp", "--nodes", "2", "checkpoint.keep_last=10")
-    deadline = time.monotonic() + 240
-    while not losses(run_dir):
-        assert time.monotonic() < deadline and squeue_state(jobs["train"]) in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.2)
+    wait_for_step_line(tmp_path, jobs["train"])
     subprocess.run(["scancel", "--signal=USR2", jobs["train"]], check=True, timeout=30)
     assert wait_done(jobs["train"], tmp_path) == "COMPLETED"
     ledger = read_lines(f"{run_dir}/jobs.jsonl")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 
-from meanflow.platform.metrics import MetricsSink
+from meanflow.platform.checkpoint.upload import BoundedWriter
+from meanflow.platform.metrics import append_records
 from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
 
 from .evaluator import SettingResult, guidance_tag
@@ -51,24 +52,26 @@ def is_evaluated(run_dir: str, step: int, wanted: list[dict]) -> bool:
     return all(setting_key(w) in have for w in wanted)
 
 
-def write_results(run_dir: str, step: int, results: list[SettingResult], extra: dict | None = None) -> str:
-    """Pictures, then metrics.json, then the jsonl rows; returns metrics.json's URL."""
+def write_results(run_dir: str, step: int, results: list[SettingResult], extra: dict | None = None,
+                  writer: BoundedWriter | None = None) -> str:
+    """Pictures, then metrics.json, then the jsonl rows, each access bounded by ``writer`` (default: the
+    checkpoint section's default limits); returns metrics.json's URL."""
+    writer = writer or BoundedWriter("checkpoint")
     out = step_dir(run_dir, step)
     rows = []
     for result in results:
         m = result.metrics
         name = f"samples{guidance_tag(m['guidance'])}.png"
         if result.points is not None and result.points.shape[1] == 2:
-            save_scatter_png(result.points, join(out, name), reference=result.real,
-                             title=f"step {step}: {m['nfe']}-NFE, SW1 {m['sw1']:.3f}")
+            writer.call(lambda: save_scatter_png(result.points, join(out, name), reference=result.real,
+                                                 title=f"step {step}: {m['nfe']}-NFE, SW1 {m['sw1']:.3f}"),
+                        join(out, name), "upload")
         elif result.grid is not None:
-            save_image_grid(result.grid, join(out, name), nrow=8)
+            writer.call(lambda: save_image_grid(result.grid, join(out, name), nrow=8), join(out, name), "upload")
         rows.append({**m, **(extra or {}), "picture": name})
     url = metrics_url(run_dir, step)
     new = {setting_key(r) for r in rows}
-    kept = [r for r in stored_results(run_dir, step) if setting_key(r) not in new]
-    write_bytes_atomic(url, json.dumps({"step": step, "results": kept + rows}, indent=1).encode())
-    sink = MetricsSink(join(run_dir, "eval", "metrics.jsonl"))
-    for row in rows:
-        sink.write(row)
+    kept = [r for r in writer.call(lambda: stored_results(run_dir, step), url, "read") if setting_key(r) not in new]
+    writer.write(url, json.dumps({"step": step, "results": kept + rows}, indent=1).encode())
+    append_records(join(run_dir, "eval", "metrics.jsonl"), rows, writer)
     return url

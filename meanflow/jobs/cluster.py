@@ -19,7 +19,8 @@ from pathlib import Path
 import submitit
 
 from meanflow.platform.config import ConfigError
-from meanflow.platform.metrics import MetricsSink
+from meanflow.platform.checkpoint.upload import BoundedWriter
+from meanflow.platform.metrics import append_records
 from meanflow.platform.storage import join, read_bytes
 
 KINDS = ("slurm", "local", "debug")
@@ -120,7 +121,7 @@ def submit_eval(cfg, kind: str, job, what: str, dependency: str | None = None, n
         submitted = executor.submit(job)
     record_job(cfg.run.run_dir, {"event": "submitted", "job_id": submitted.job_id, "kind": "eval", "what": what,
                                  "cluster": kind, "folder": str(submitted.paths.folder),
-                                 **({"dependency": dependency} if dependency else {})})
+                                 **({"dependency": dependency} if dependency else {})}, store_writer(cfg))
     return submitted
 
 
@@ -129,9 +130,15 @@ def ledger_url(run_dir: str) -> str:
     return join(run_dir, "jobs.jsonl")
 
 
-def record_job(run_dir: str, record: dict) -> None:
-    MetricsSink(ledger_url(run_dir)).write({"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                                            **record})
+def store_writer(cfg) -> BoundedWriter:
+    """Bounded access to the run directory with the run's limits (checkpoint.upload_timeout_s, max_outage_s)."""
+    return BoundedWriter("checkpoint", cfg.checkpoint.upload_timeout_s, cfg.checkpoint.max_outage_s)
+
+
+def record_job(run_dir: str, record: dict, writer: BoundedWriter | None = None) -> None:
+    """Append to the ledger; bounded by ``writer`` (store_writer(cfg) where the config is at hand)."""
+    append_records(ledger_url(run_dir), [{"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}],
+                   writer or BoundedWriter("checkpoint"))
 
 
 def read_ledger(run_dir: str) -> list[dict]:

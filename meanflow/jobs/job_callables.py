@@ -56,7 +56,7 @@ class TrainJob:
 
         # first, before torch is imported: until then a USR2 would reach submitit's handler, which fails the job
         flag = StopFlag().install() if self.cluster_kind == "slurm" else None
-        from meanflow.jobs.cluster import minutes, record_job
+        from meanflow.jobs.cluster import minutes, record_job, store_writer
         from meanflow.jobs.train import Trainer   # torch, at last
 
         cfg = load_config_text(self.config_yaml, "the submitted config")
@@ -65,7 +65,8 @@ class TrainJob:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 and "SLURM_JOB_ID" in os.environ:
             record_job(cfg.run.run_dir, {"event": "start", "job_id": os.environ["SLURM_JOB_ID"], "kind": "train",
-                                         "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+                                         "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))},
+                       store_writer(cfg))
 
         def train() -> None:
             Trainer(cfg, preemption=flag, on_commit=scheduler).run()

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from meanflow.platform.config import save_config
 from meanflow.platform.train_state import git_sha
 
-from .cluster import make_executor, record_job, sbatch_script, submission_folder, submit_eval, tasks_per_node, \
-    time_limit_min
+from .cluster import make_executor, record_job, sbatch_script, store_writer, submission_folder, submit_eval, \
+    tasks_per_node, time_limit_min
 from .job_callables import EvalJob, TrainJob
 from .run_dir import check_training_run_dir
 
@@ -52,7 +52,7 @@ def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
     job = executor.submit(TrainJob(save_config(train_cfg), kind))
     record_job(run_dir, {"event": "submitted", "job_id": job.job_id, "kind": "train", "cluster": kind,
                          "nodes": cluster.nodes, "tasks_per_node": tasks, "folder": str(folder),
-                         "git_sha": git_sha()})
+                         "git_sha": git_sha()}, store_writer(cfg))
     if kind != "slurm":
         return follow(job, stdout)
     print(f"submitted training job {job.job_id}: {cluster.nodes} node(s) × {tasks} task(s), logs in {folder}",

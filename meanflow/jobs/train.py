@@ -19,9 +19,9 @@ from meanflow.evaluation.outputs import describe_metrics, write_results
 from meanflow.platform.checkpoint import StorageOutage
 from meanflow.platform.config import ConfigError, save_config
 from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, resolve_env, shutdown
-from meanflow.platform.metrics import MetricsSink, ProgressLine
+from meanflow.platform.metrics import MetricsLog, ProgressLine
 from meanflow.platform.rng import rng_state, set_rng_state
-from meanflow.platform.storage import join, write_bytes_atomic
+from meanflow.platform.storage import join
 from meanflow.platform.train_state import TrainState, git_sha
 
 from . import components
@@ -51,7 +51,8 @@ class Trainer:
         self.guard, self.recovery, self.faults = components.guard_parts(cfg, self.engine, self.stream, self.store,
                                                                         self.env)
         self.targets = self.recovery.targets
-        self.metrics = MetricsSink(join(self.run_dir, "metrics.jsonl")) if self.env.is_main else None
+        self.metrics = MetricsLog(join(self.run_dir, "metrics.jsonl"), self.store.writer) if self.env.is_main \
+            else None
         self.lease = None                    # taken when the run starts writing
         self.state = TrainState(git_sha=git_sha())
 
@@ -79,8 +80,10 @@ class Trainer:
             if train_state.get("guard"):
                 self.guard.load_state_dict(train_state["guard"])   # its windows: a resumed run decides alike
             self.log(f"resumed from {self.store.step_url(step)} at step {step}")
+        if self.metrics is not None:   # records of steps after the resumed one: a dead writer's, trained again
+            self.metrics.keep_until(self.step)
         if self.env.is_main:
-            write_bytes_atomic(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
+            self.store.writer.write(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
 
     def save(self) -> str:
         """Collective: every rank's RNG and data position, the counters, the guard's windows, then the store's
@@ -90,6 +93,8 @@ class Trainer:
         meta = {"step": self.step, "world_size": self.env.world_size, "engine": self.engine.name,
                 "data": merge_stream_states(all_gather_objects(self.stream.state_dict()))}
         started = time.perf_counter()
+        if self.metrics is not None:            # a committed step is never trained again: its records go first
+            self.metrics.flush()
         self.store.wait()                       # the previous (async) upload has committed: announce it
         self._announce_commits()
         url = self.store.save(self.step, self.engine, train_state, meta, healthy=not self.state.unhealthy_since_save)
@@ -124,6 +129,8 @@ class Trainer:
             self.state.step += 1
             self.recovery.step_applied(self.step)
             return stats
+        if response.action == "rollback" and self.metrics is not None:
+            self.metrics.keep_until(self.step)   # the abandoned steps are trained again: one record per step
         self.write_metrics(response.event)
         if response.action == "rollback":
             self.log(response.message)
@@ -156,8 +163,15 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         try:
-            return self._run()
+            results = self._run()
+            if self.metrics is not None:
+                self.metrics.close()          # every record is up before the run reports success
+            return results
+        except StorageOutage as err:
+            raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:
+            if self.metrics is not None:      # a failed run: what it can still upload (its last event), bounded
+                self.metrics.close(raise_errors=False)
             if self.lease:
                 self.lease.release()
             shutdown()
@@ -222,7 +236,7 @@ class Trainer:
         results = self.evaluator.run(self.engine.ema_model or self.engine.model, self.step,
                                      show_progress=self.env.is_main)
         if self.env.is_main:
-            write_results(self.run_dir, self.step, results)
+            write_results(self.run_dir, self.step, results, writer=self.store.writer)
         for result in results:
             self.write_metrics({"event": "eval", **result.metrics})
             self.log("eval: " + describe_metrics(result.metrics))

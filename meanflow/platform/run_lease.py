@@ -137,7 +137,7 @@ class RunLease:
                 fs, path = filesystem(self.url)
                 fs.rm(path)
 
-        try:   # bounded: a frozen store must not hang the exit (the lease then expires by itself)
-            call_with_timeout(remove_if_ours, self.ttl_s / 4)
+        try:   # bounded and short: a frozen store must not hold the exit (the lease then expires by itself, or
+            call_with_timeout(remove_if_ours, 5.0)   # is free once SLURM reports the job ended)
         except Exception as err:
             warnings.warn(f"could not release the run lease {self.url}: {type(err).__name__}: {err}", stacklevel=1)

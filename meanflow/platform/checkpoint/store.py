@@ -111,7 +111,8 @@ class CheckpointStore(Retention):
         already committed is refused (CheckpointError): a commit is never rewritten."""
         self.wait()
         # Rank 0 looks (one read, not one per rank) and every rank follows its answer: all refuse, or none.
-        if all_gather_objects(self.rank == 0 and self._committed_else_cleared(step))[0]:
+        if all_gather_objects(self.rank == 0 and self.writer.call(lambda: self._committed_else_cleared(step),
+                                                                  self.step_url(step)))[0]:
             raise CheckpointError(f"{self.step_url(step)} is already committed; a commit is immutable, refusing "
                                   "to rewrite it")
         staged = self._stage(engine, train_state)

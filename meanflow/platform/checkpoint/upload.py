@@ -2,8 +2,8 @@
 outage longer than a limit fails loudly.
 
 Why: a store that accepts the connection and never answers must not hang a training run, and a short outage must
-not kill one. Nothing here knows what it writes (checkpoints today; metrics, the job ledger and tracker uploads are
-meant to go through the same path), so the caller names the config section in the messages.
+not kill one. Nothing here knows what it writes (checkpoints, the run's metrics, evaluation outputs), so the
+caller names the config section whose limits apply in the messages.
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ class BoundedWriter:
         self.retries = 0
 
     def write(self, url: str, data: bytes) -> None:
+        self.call(lambda: write_bytes_atomic(url, data), url, "upload")
+
+    def call(self, fn: Callable[[], Any], url: str, doing: str = "access"):
+        """``fn()`` (an access to ``url``) with the same deadline, retries and outage limit as a write."""
         started, attempt = time.monotonic(), 0
         while True:
             try:
-                call_with_timeout(lambda: write_bytes_atomic(url, data), self.timeout_s)
-                return
+                return call_with_timeout(fn, self.timeout_s)
             except MissingBucket:
                 raise
             except (OSError, TimeoutError) as err:
@@ -65,9 +68,9 @@ class BoundedWriter:
                 self.retries += 1
                 down = time.monotonic() - started
                 if down > self.max_outage_s:
-                    raise StorageOutage(f"{self.what} store unreachable for {down:.0f}s (> {self.what}.max_outage_s="
-                                        f"{self.max_outage_s:g}) writing {url}: {type(err).__name__}: {err}") from err
-                warnings.warn(f"{self.what} upload {url} failed ({type(err).__name__}: {err}); retry {attempt}",
+                    raise StorageOutage(f"store unreachable for {down:.0f}s (> {self.what}.max_outage_s="
+                                        f"{self.max_outage_s:g}) at {url}: {type(err).__name__}: {err}") from err
+                warnings.warn(f"{self.what} {doing} {url} failed ({type(err).__name__}: {err}); retry {attempt}",
                               stacklevel=2)
                 time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 30.0))
 
