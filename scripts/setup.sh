@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command set-up: a virtual environment in .venv with meanflow (editable) and the test extras, pinned by
+# One-command set-up: a virtual environment in .venv with meanflow (editable), the test and trackers extras, pinned by
 # constraints.txt (torch 2.14.1, torchvision 0.29.1, ...). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ pip_quiet() {  # pip's output only when it fails (this machine's index warnings 
 }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_quiet --upgrade pip
-pip_quiet -c constraints.txt -e '.[test]'
-.venv/bin/python -c "import meanflow, torch, torchvision, torch_fidelity, deepspeed, submitit, webdataset" \
+pip_quiet -c constraints.txt -e '.[test,trackers]'
+.venv/bin/python -c "import meanflow, torch, torchvision, torch_fidelity, deepspeed, submitit, webdataset, tensorboard, wandb" \
   >/dev/null 2>&1 || { echo "set-up failed: meanflow or a dependency does not import" >&2; exit 1; }
 echo "set-up done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

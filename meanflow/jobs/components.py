@@ -104,3 +104,10 @@ def end_of_run_evaluator(cfg: DictConfig, device: torch.device, env: DistEnv) ->
 def run_summary(cfg: DictConfig, engine, device: torch.device) -> str:
     return (f"run {cfg.run.name}: {cfg.objective.name} on {cfg.data.name}, model {cfg.model.family}/{cfg.model.size} "
             f"({count_parameters(engine.model) / 1e6:.2f}M params), device {device}, run_dir {cfg.run.run_dir}")
+
+
+def progress_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The stats the progress shows, unweighted mse first. The loss only where it says something: under MF's
+    adaptive weight (weight_p = 1) each row's weighted loss is ≈ 1 whatever the error, so it stays flat."""
+    adaptive = cfg.objective.name != "fm" and cfg.objective.weight_p > 0
+    return ("mse", "jvp_norm", "grad_norm") if adaptive else ("loss", "mse", "jvp_norm", "grad_norm")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 from omegaconf import DictConfig
 
 from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_settings
@@ -25,6 +24,9 @@ from meanflow.platform.config import ConfigError
 from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown, \
     task_device
 
+from meanflow.platform.trackers import open_trackers
+
+from .cluster import store_writer
 from .outcome import run_command
 from .run_dir import load_run_config, load_sampling_model, open_store, resolve_step
 
@@ -55,7 +57,12 @@ def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: boo
                               f"{env.world_size} rank(s))")
             results = evaluator.run(model, step, show_progress=env.is_main)
             if env.is_main:
-                url = write_results(run_dir, step, results, extra={"weights": which})
+                writer = store_writer(cfg)
+                url = write_results(run_dir, step, results, extra={"weights": which}, writer=writer)
+                trackers = open_trackers(cfg, run_dir, writer, step, job="eval")
+                for result in results:
+                    trackers.log_evaluation(step, result.metrics, result.grid)
+                trackers.close()
                 for result in results:
                     _log(env, stdout, f"step {step}: " + describe_metrics(result.metrics))
                 _log(env, stdout, f"wrote {url}")

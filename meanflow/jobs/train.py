@@ -19,9 +19,11 @@ from meanflow.evaluation.outputs import describe_metrics, write_results
 from meanflow.platform.checkpoint import StorageOutage
 from meanflow.platform.config import ConfigError, save_config
 from meanflow.platform.distributed import all_gather_objects, all_reduce_mean, resolve_env, shutdown
-from meanflow.platform.metrics import MetricsLog, ProgressLine
+from meanflow.platform.metrics import MetricsLog
+from meanflow.platform.progress import TrainingProgress
 from meanflow.platform.rng import rng_state, set_rng_state
 from meanflow.platform.storage import join
+from meanflow.platform.trackers import Trackers, open_trackers
 from meanflow.platform.train_state import TrainState, git_sha
 
 from . import components
@@ -53,6 +55,7 @@ class Trainer:
         self.targets = self.recovery.targets
         self.metrics = MetricsLog(join(self.run_dir, "metrics.jsonl"), self.store.writer) if self.env.is_main \
             else None
+        self.trackers = Trackers()           # opened once the start step is known (rank 0)
         self.lease = None                    # taken when the run starts writing
         self.state = TrainState(git_sha=git_sha())
 
@@ -84,6 +87,7 @@ class Trainer:
             self.metrics.keep_until(self.step)
         if self.env.is_main:
             self.store.writer.write(join(self.run_dir, "config.yaml"), save_config(self.cfg).encode())
+            self.trackers = open_trackers(self.cfg, self.run_dir, self.store.writer, self.step)   # their curves go on from here
 
     def save(self) -> str:
         """Collective: every rank's RNG and data position, the counters, the guard's windows, then the store's
@@ -95,6 +99,7 @@ class Trainer:
         started = time.perf_counter()
         if self.metrics is not None:            # a committed step is never trained again: its records go first
             self.metrics.flush()
+        self.trackers.flush()
         self.store.wait()                       # the previous (async) upload has committed: announce it
         self._announce_commits()
         url = self.store.save(self.step, self.engine, train_state, meta, healthy=not self.state.unhealthy_since_save)
@@ -131,7 +136,8 @@ class Trainer:
             return stats
         if response.action == "rollback" and self.metrics is not None:
             self.metrics.keep_until(self.step)   # the abandoned steps are trained again: one record per step
-        self.write_metrics(response.event)
+            self.trackers.rewind(self.step)
+        self.write_metrics({**response.event, "guard_counts": dict(self.guard.counts)})
         if response.action == "rollback":
             self.log(response.message)
         if response.action == "fail":
@@ -166,12 +172,14 @@ class Trainer:
             results = self._run()
             if self.metrics is not None:
                 self.metrics.close()          # every record is up before the run reports success
+            self.trackers.close()
             return results
         except StorageOutage as err:
             raise TrainingFailed(f"step {self.step}: {err}") from err
         finally:
             if self.metrics is not None:      # a failed run: what it can still upload (its last event), bounded
                 self.metrics.close(raise_errors=False)
+            self.trackers.close(raise_errors=False)
             if self.lease:
                 self.lease.release()
             shutdown()
@@ -184,7 +192,8 @@ class Trainer:
         cfg = self.cfg
         self.log(components.run_summary(cfg, self.engine, self.device))
         self.recovery.start(self.step)
-        progress = ProgressLine(cfg.run.steps, self.state.attempt, stream=self.stdout if self.env.is_main else None)
+        progress = TrainingProgress(cfg.run.steps, self.step, self.state.attempt, keys=components.progress_keys(cfg),
+                                    stream=self.stdout if self.env.is_main else None)
         started = time.perf_counter()
         try:
             while self.step < cfg.run.steps:
@@ -199,17 +208,18 @@ class Trainer:
         except UNUSABLE_DATA as err:                       # no rerun helps: bad input
             raise ConfigError(f"data: {err}") from err
         finally:
+            progress.close()
             self.stream.close()   # stops DataLoader workers
         self.log(f"trained to step {self.step} in {time.perf_counter() - started:.1f}s"
                  + ("; evaluating" if self.evaluator else ""))
         return self._evaluate()
 
-    def _after_step(self, stats: dict | None, progress: ProgressLine) -> None:
+    def _after_step(self, stats: dict | None, progress: TrainingProgress) -> None:
         """Log at log_every, save at checkpoint.every, and leave for requeue when any rank was signalled."""
         cfg, step = self.cfg, self.step
+        progress.tick(step, stats, self.guard.counts)
         if stats is not None and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
-            rate = progress.update(step, self.state.attempt, stats,
-                                   extra=", ".join(f"{k}s {v}" for k, v in self.guard.counts.items() if v))
+            rate = progress.update(step, self.state.attempt, stats, self.guard.counts)
             self.write_metrics({"step": step, "steps_per_s": rate, **stats, **self.stream.metrics()})
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.run.steps \
                 and step != self.state.saved_step:
@@ -238,6 +248,7 @@ class Trainer:
         if self.env.is_main:
             write_results(self.run_dir, self.step, results, writer=self.store.writer)
         for result in results:
+            self.trackers.log_evaluation(self.step, result.metrics, result.grid)
             self.write_metrics({"event": "eval", **result.metrics})
             self.log("eval: " + describe_metrics(result.metrics))
         return results[0].metrics
@@ -247,5 +258,10 @@ class Trainer:
             print(message, file=self.stdout, flush=True)
 
     def write_metrics(self, record: dict) -> None:
+        """A step record or an event, to metrics.jsonl and the trackers (rank 0)."""
         if self.metrics is not None:
             self.metrics.write(record)
+            if "event" in record:
+                self.trackers.log_event(self.step, record)
+            else:
+                self.trackers.log_metrics(record["step"], record)

@@ -76,6 +76,11 @@ class RunConfig:
     """Require a checkpoint to continue from (an error if run_dir holds none). A run_dir that holds committed
     checkpoints is always continued (a requeued job restarts the same command), provided its stored model,
     objective and data sections equal this config's."""
+    trackers: List[str] = field(default_factory=list)
+    """Experiment trackers fed by rank 0 beside metrics.jsonl: tensorboard (event files in <run_dir>/tb/), wandb
+    (offline unless WANDB_MODE says otherwise; run id in <run_dir>/trackers/wandb.json). The trackers extra."""
+    wandb_project: str = "meanflow"
+    """W&B project (the entity is WANDB_ENTITY's; credentials only from the environment)."""
 
 
 @dataclass
@@ -525,6 +530,9 @@ def load_config_text(text: str, source: str, overrides: Optional[List[str]] = No
 
 # ------------------------------------------------------------------------------------------------ validation
 
+# run.trackers' names (platform/trackers/ imports them from here: validation must not import the trackers' libraries).
+TRACKERS = ("tensorboard", "wandb")
+
 # Names no module lists yet (each is an if-chain in the module named): kept here until that module exports a tuple.
 LOCAL_CHOICES = {
     "objective.time.kind": ("logit_normal", "uniform"),            # objectives/time_sampling.py
@@ -633,6 +641,10 @@ def validate(cfg: DictConfig, source: str) -> None:
     if cfg.guard.inject.kind != "none" and not cfg.guard.allow_inject:
         raise ConfigError(f"{source}: key 'guard.inject': fault injection is for tests; set guard.allow_inject=true "
                           "to run it on purpose")
+    unknown = [name for name in cfg.run.trackers if name not in TRACKERS]
+    if unknown or len(set(cfg.run.trackers)) != len(cfg.run.trackers):
+        raise ConfigError(f"{source}: key 'run.trackers': {list(cfg.run.trackers)} must name each of "
+                          f"{', '.join(TRACKERS)} at most once")
     for key, length, meaning in (("objective.time_tangents", 2, "[dt, dr]"), ("optim.betas", 2, "[beta1, beta2]")):
         if len(OmegaConf.select(cfg, key)) != length:
             raise ConfigError(f"{source}: key '{key}': expected {meaning}, got {list(OmegaConf.select(cfg, key))}")
