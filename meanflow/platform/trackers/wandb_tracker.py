@@ -43,19 +43,21 @@ class WandbTracker(Tracker):
         fs, path = filesystem(run_dir)
         self.settings = dict(project=cfg.run.wandb_project, group=cfg.run.name, name=cfg.run.name,
                              mode=os.environ.get("WANDB_MODE", "offline"),
-                             dir=path if is_local(fs) else None)   # remote run dir: WANDB_DIR or ./wandb
+                             dir=path if is_local(fs) else None,   # remote run dir: WANDB_DIR or ./wandb
+                             # the job's own log is the console record; W&B must not wrap stdout (the bar's TTY)
+                             settings=wandb.Settings(console="off"))
         if is_local(fs):
             os.makedirs(path, exist_ok=True)
         id_url = join(run_dir, "trackers", "wandb.json")
         train_id = _stored_id(id_url, writer)
+        self.step_key, self._pending = None, {}   # eval runs: their x-axis; train runs: guard counts for the next row
         if job == "eval":   # one W&B run per evaluated step, beside the training run
             self.run = wandb.init(**self.settings, id=f"{train_id or wandb.util.generate_id()}-eval-{start_step}",
                                   job_type="eval", resume="allow", reinit="create_new")
             self.run.define_metric("train_step")
             self.run.define_metric("eval/*", step_metric="train_step")
-            self.step_key, self._pending = "train_step", {}
+            self.step_key = "train_step"
             return
-        self.step_key, self._pending = None, {}
         if train_id is None:
             self.run = wandb.init(**self.settings, job_type="train", reinit="create_new",
                                   config=OmegaConf.to_container(cfg, resolve=True))
