@@ -48,8 +48,11 @@ def finish(result: dict, cluster_kind: str) -> dict:
 
 
 class TrainJob:
-    def __init__(self, config_yaml: str, cluster_kind: str):
-        self.config_yaml, self.cluster_kind = config_yaml, cluster_kind
+    """``progress_bar``: the submitter echoes the job's log to a terminal (--cluster local), so the log gets the
+    tqdm bar a terminal shows, though the job's own stdout is a file."""
+
+    def __init__(self, config_yaml: str, cluster_kind: str, progress_bar: bool = False):
+        self.config_yaml, self.cluster_kind, self.progress_bar = config_yaml, cluster_kind, progress_bar
 
     def __call__(self) -> dict:
         from meanflow.jobs.preemption import Preempted, StopFlag, exit_for_requeue, requeue
@@ -69,7 +72,7 @@ class TrainJob:
                        store_writer(cfg))
 
         def train() -> None:
-            Trainer(cfg, preemption=flag, on_commit=scheduler).run()
+            Trainer(cfg, preemption=flag, on_commit=scheduler, progress_bar=self.progress_bar or None).run()
 
         try:
             return finish(job_result(train), self.cluster_kind)

@@ -49,7 +49,8 @@ def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
             f"# --cluster {kind}: no sbatch script; {cluster.nodes * tasks} process(es) on this machine")
         print(f"{script}\n# ---- resolved config ----\n{save_config(train_cfg)}", file=stdout, end="")
         return 0
-    job = executor.submit(TrainJob(save_config(train_cfg), kind))
+    echoed_to_terminal = kind != "slurm" and callable(getattr(stdout, "isatty", None)) and stdout.isatty()
+    job = executor.submit(TrainJob(save_config(train_cfg), kind, progress_bar=echoed_to_terminal))
     record_job(run_dir, {"event": "submitted", "job_id": job.job_id, "kind": "train", "cluster": kind,
                          "nodes": cluster.nodes, "tasks_per_node": tasks, "folder": str(folder),
                          "git_sha": git_sha()}, store_writer(cfg))

@@ -35,10 +35,12 @@ from .preflight import check_engine_jvp, check_resumable, take_run_lease
 class Trainer:
     """``preemption``: a StopFlag (SLURM jobs) checked at every step boundary; when any rank's flag is set, every
     rank saves and ``run`` raises Preempted. ``on_commit(step)``: called on rank 0 once a checkpoint has committed
-    (scheduled evaluations)."""
+    (scheduled evaluations). ``progress_bar``: a tqdm bar (True), log lines (False), or as stdout is a terminal
+    or not (None)."""
 
-    def __init__(self, cfg: DictConfig, stdout=None, preemption=None, on_commit=None):
-        self.cfg, self.stdout = cfg, stdout or sys.stdout
+    def __init__(self, cfg: DictConfig, stdout=None, preemption=None, on_commit=None,
+                 progress_bar: bool | None = None):
+        self.cfg, self.stdout, self.progress_bar = cfg, stdout or sys.stdout, progress_bar
         self.preemption, self.on_commit = preemption, on_commit
         self.pending_commits: list[int] = []
         self.run_dir = cfg.run.run_dir
@@ -193,7 +195,7 @@ class Trainer:
         self.log(components.run_summary(cfg, self.engine, self.device))
         self.recovery.start(self.step)
         progress = TrainingProgress(cfg.run.steps, self.step, self.state.attempt, keys=components.progress_keys(cfg),
-                                    stream=self.stdout if self.env.is_main else None)
+                                    stream=self.stdout if self.env.is_main else None, interactive=self.progress_bar)
         started = time.perf_counter()
         try:
             while self.step < cfg.run.steps:
