@@ -23,6 +23,7 @@ class ObjectiveContext:
 
     rows: positions of this micro-batch's rows inside the step's global batch (for seeded draws).
     marginal_velocity: optional oracle v(z, t) (2-D toys only) for the exact β* diagnostic.
+    teacher: optional frozen flow model (SplitMeanFlow's v_source=teacher), called like the trained model.
     """
 
     seed: int
@@ -32,6 +33,7 @@ class ObjectiveContext:
     rank: int = 0
     world_size: int = 1
     marginal_velocity: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    teacher: Optional[nn.Module] = None
 
     def random(self, step: int, device: torch.device) -> StepRandom:
         return StepRandom(self.seed, step, self.global_batch, self.rows, device)
@@ -107,11 +109,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
 
 
-def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_classes: int):
-    """Replace a random 10% (p) of labels by the null class ``num_classes``. Returns (y_model, dropped mask)."""
+def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_classes: int, layout: str = "official"):
+    """Replace a share p of labels by the null class ``num_classes``. Returns (y_model, dropped mask).
+
+    ``official``: the first Bin(B_global, p) rows of the global batch, as both official codes do (they lie inside
+    the r = t share, so the unconditional rows are flow-matching rows); ``independent``: a Bernoulli draw per row.
+    """
     if y is None:
         return None, None
-    dropped = rand.uniform("label_drop").lt(p).to(y.device)
+    if layout == "official":
+        dropped = rand.first_rows(rand.binomial_count("label_drop", p))
+    elif layout == "independent":
+        dropped = rand.uniform("label_drop").lt(p)
+    else:
+        raise ValueError(f"objective.guidance.drop_layout: unknown {layout!r}; known: official, independent")
+    dropped = dropped.to(y.device)
     return torch.where(dropped, torch.full_like(y, num_classes), y), dropped
 
 
@@ -140,5 +152,5 @@ def noise_batch(batch: dict, step: int, ctx: ObjectiveContext, cfg, num_classes:
     t_x = expand_like(t, x)
     z = (1 - t_x) * x + t_x * e
     y = batch.get("y")
-    y_model, dropped = drop_labels(y, rand, cfg.label_drop, num_classes)
+    y_model, dropped = drop_labels(y, rand, cfg.label_drop, num_classes, cfg.guidance.drop_layout)
     return NoisedBatch(x=x, e=e, t=t, r=r, z=z, v_c=e - x, y=y, y_model=y_model, dropped=dropped, rand=rand)

@@ -45,4 +45,14 @@ class StepRandom:
 
     def first_share(self, share: float) -> torch.Tensor:
         """Bool mask of local rows among the first ⌊share·B_global⌋ of the global batch (a fixed count)."""
-        return self.rows < int(share * self.global_batch)
+        return self.first_rows(int(share * self.global_batch))
+
+    def first_rows(self, count: int) -> torch.Tensor:
+        """Bool mask of local rows among the first ``count`` of the global batch."""
+        return self.rows < count
+
+    def binomial_count(self, stream: str, p: float) -> int:
+        """A Bin(B_global, p) count for this step: how many of the global batch's uniform draws fall below p
+        (the same on every rank, whatever its rows)."""
+        full = torch.rand(self.global_batch, generator=self._generator(stream), device=self.device)
+        return int(full.lt(p).sum())

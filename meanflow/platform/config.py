@@ -115,6 +115,15 @@ class ModelConfig:
     """mlp only: hidden SiLU layers."""
     data_dim: int = bounded(2, ge=1)
     """mlp only: data dimension."""
+    conditioning: str = "standard"
+    """mf_dit only: standard (every block on emb(t) + emb(h) + emb(y)) or decoupled (Decoupled MeanFlow: the first
+    dmf_depth blocks on emb(t) + emb(y), the rest and the final layer on emb(r) + emb(y), one time embedder, plus a
+    zero-initialised log-variance head). objective.name=dmf needs decoupled."""
+    dmf_depth: int = bounded(0, ge=0)
+    """decoupled: blocks conditioned on t (XL: 20 of 28); 0 = two thirds of the depth, rounded down."""
+    init_from: str = ""
+    """Start from a flow model's weights (an exported .safetensors, or a run directory: its newest checkpoint's
+    EMA weights), loaded with weights_only; a decoupled model's r-conditioned blocks start as the flow model's."""
 
 
 @dataclass
@@ -139,6 +148,10 @@ class GuidanceConfig:
     """Guidance window start."""
     t_end: float = bounded(1.0, ge=0, le=1)
     """Guidance window end."""
+    drop_layout: str = "official"
+    """Which rows lose their label (objective.label_drop): official = the first Bin(B, label_drop) rows of the
+    global batch, inside the r = t share, so unconditional rows are flow-matching rows (both official codes);
+    independent = a Bernoulli draw per sample."""
 
 
 @dataclass
@@ -200,6 +213,45 @@ class TangentBetaConfig:
 
 
 @dataclass
+class AlphaFlowConfig:
+    share_fm: float = bounded(0.5, ge=0, le=1)
+    """Share of the global batch (first rows) trained as flow matching (r = t) whatever α is."""
+    start_step: int = bounded(0, ge=0)
+    """s0 of the sigmoid α schedule: α = 1 (trajectory flow matching) until here."""
+    end_step: int = bounded(400000, ge=0)
+    """s1: α = 0 (MeanFlow, with its JVP) from here on. B/2: (0, 400k); XL/2: (600k, 1M) of 1.2M steps."""
+    gamma: float = bounded(25.0, gt=0)
+    """Steepness γ of α = 1 − σ(γ·p), p = (step − (s0 + s1)/2)/(s1 − s0); α < 0.005 snaps to 0, > 0.995 to 1."""
+    eps: float = bounded(1e-3, gt=0)
+    """The official per-element eps of w = α/(mean‖Δ‖² + eps); in our sum-over-elements convention the
+    constant is c = eps·D (D = C·H·W), which is what is used (objective.weight_c is not)."""
+    clamp_target: float = bounded(0.0, ge=0)
+    """Clip u_tgt elementwise to ±this (XL/2: 4.0); 0 = off."""
+
+
+@dataclass
+class SplitMeanFlowConfig:
+    share_boundary: float = bounded(0.5, ge=0, le=1)
+    """Share of the global batch (first rows) with r = t, trained on ‖u(z,t,t) − ṽ‖²."""
+    v_source: str = "conditional"
+    """Boundary target: conditional (v_c, with training CFG as in MF) or teacher (a frozen flow model's velocity)."""
+    teacher: str = ""
+    """v_source=teacher: the flow model, an exported .safetensors or a run directory (its newest checkpoint)."""
+
+
+@dataclass
+class DecoupledMeanFlowConfig:
+    fm_mu: float = bounded(0.0)
+    """Flow-matching branch: t ~ logit-normal(fm_mu, fm_sigma), r = t."""
+    fm_sigma: float = bounded(1.0, gt=0)
+    mf_mu: list[float] = bounded([0.4, -1.2])
+    """MeanFlow branch: two draws from logit-normal(mf_mu[0], mf_sigma) and (mf_mu[1], mf_sigma); t = max, r = min."""
+    mf_sigma: float = bounded(1.0, gt=0)
+    logvar_scale: float = bounded(0.01, gt=0)
+    """Each branch's loss is log(m + logvar_scale·e^l), m the per-sample mean squared error, l the log-variance head."""
+
+
+@dataclass
 class ObjectiveConfig:
     name: str = "mf"
     """fm, mf, sg_lambda, stability, imf, tangent_beta."""
@@ -221,6 +273,12 @@ class ObjectiveConfig:
     """iMF options."""
     tangent_beta: TangentBetaConfig = field(default_factory=TangentBetaConfig)
     """Control-variate tangent options."""
+    alphaflow: AlphaFlowConfig = field(default_factory=AlphaFlowConfig)
+    """α-Flow options (OBJECTIVES.md §7)."""
+    split_mf: SplitMeanFlowConfig = field(default_factory=SplitMeanFlowConfig)
+    """SplitMeanFlow options (§8)."""
+    dmf: DecoupledMeanFlowConfig = field(default_factory=DecoupledMeanFlowConfig)
+    """Decoupled MeanFlow options (§9; the model needs model.conditioning=decoupled)."""
     jvp_all_rows: bool = False
     """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
     t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
@@ -388,6 +446,12 @@ class EvalConfig:
     """Samples generated per evaluation (split over ranks by global index; 2-D toys: SW on 4096, OBJECTIVES.md)."""
     nfe: int = bounded(1, ge=1)
     """Sampling steps (1-NFE by default)."""
+    sampler: str = "flow_map"
+    """flow_map: z ← z − (t_i − t_{i+1})·u(z, t_{i+1}, t_i) on linspace(1, 0, nfe + 1); consistency: x̂ = z − t·u(z, 0, t),
+    then re-noise to the next time with fresh noise (α-Flow's multi-step sampler)."""
+    steps: List[float] = bounded([], ge=0, le=1)
+    """Time points of the consistency sampler, from 1 down to 0 (α-Flow XL/2: [1, 0.55, 0]); empty:
+    linspace(1, 0, nfe + 1)."""
     seed: int = bounded(1234, ge=0)
     """Sampling seed: sample i's noise and class label depend only on (seed, i)."""
     guidance: List[SamplingGuidance] = field(default_factory=lambda: [SamplingGuidance()])
@@ -545,6 +609,10 @@ LOCAL_CHOICES = {
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.dtype": ("float32", "bfloat16"),
     "eval.mode": ("job", "watcher"),
+    "eval.sampler": ("flow_map", "consistency"),                   # evaluation/sampling.py
+    "objective.guidance.drop_layout": ("official", "independent"),  # objectives/base.py
+    "objective.split_mf.v_source": ("conditional", "teacher"),      # objectives/split_meanflow.py
+    "model.conditioning": ("standard", "decoupled"),               # models/dit.py
     # evaluation/feature_extractors.py names the two, but importing it imports torch-fidelity (~3 s)
     "eval.feature_extractor": ("auto", "inception-v3-compat", "digits-cnn"),
 }
