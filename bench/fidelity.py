@@ -1,11 +1,13 @@
 """Fidelity report: do the objectives behave as their papers say, at 2-D toy scale? (issue 9)
 
-    python bench/fidelity.py [--quick] [--workers 2] [--out bench]
+    python bench/fidelity.py [--quick] [--workers 2] [--out bench] [--only EXPERIMENT ...]
 
 Trains the toy MLP of OBJECTIVES.md (3×128 SiLU, batch 256, lr 1e-3, EMA 0.999) through the real trainer, several
 seeds per setting, and writes ``FIDELITY.md`` plus PNG plots into ``--out`` (``fidelity/`` beside it). Six
 questions, one per paper claim: wrong JVP tangents, the share of rows with r ≠ t, the control-variate tangent β,
-iMF against MF, the non-expansivity term, SG_λ's curriculum. Metrics: 1-NFE SW1/SW2 (4096 samples, 500
+iMF against MF, the non-expansivity term, SG_λ's curriculum; and the family side by side (fm, mf, imf,
+alphaflow, split_mf at equal steps, each sampled 1-NFE, 2-NFE and with the 2-step consistency sampler).
+``--only`` runs the named experiments and replaces just their sections of an existing FIDELITY.md. Metrics: 1-NFE SW1/SW2 (4096 samples, 500
 directions) of the EMA model, the training metrics the trainer logs (loss, mse, jvp_norm, expansion ratio, β*),
 and for β the gradient's total variance Tr Cov[∇ℓ] over 8 replica batches at the end. Claims are reported, never
 asserted: where a number disagrees with a paper, the report says so. ``--quick`` (CI): few steps, one seed, 1024
@@ -33,6 +35,8 @@ from meanflow.objectives import ObjectiveContext
 from meanflow.platform.config import load_config
 
 TOYS = ("checkerboard", "swiss_roll", "two_moons", "eight_gaussians")
+# The family section's extra samplings of each trained model: label -> eval overrides.
+SAMPLINGS = {"2-NFE": ("eval.nfe=2",), "consistency [1, 0.5, 0]": ("eval.sampler=consistency", "eval.steps=[1,0.5,0]")}
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 REPLICAS = 8                       # batches for Tr Cov[∇ℓ]
 
@@ -41,9 +45,10 @@ REPLICAS = 8                       # batches for Tr Cov[∇ℓ]
 class Setting:
     experiment: str
     label: str
-    config: str                    # toy2d_mf or toy2d_imf
+    config: str                    # toy2d_mf, toy2d_imf, ...
     overrides: tuple[str, ...] = ()
     grad_variance: bool = False
+    samplings: bool = False        # also score SAMPLINGS of the trained model
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Result:
     sw2: float
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     grad_variance: dict[float, float] = field(default_factory=dict)   # β → Tr Cov[∇ℓ_β] at the trained parameters
+    sampled_sw1: dict[str, float] = field(default_factory=dict)       # SAMPLINGS label → SW1
 
 
 def settings(steps: int) -> list[Setting]:
@@ -76,6 +82,11 @@ def settings(steps: int) -> list[Setting]:
     out += [Setting("sg_lambda", "λ: 0→1 over half the run", "toy2d_mf",
                     ("objective.name=sg_lambda", "objective.sg_lambda.start=0.0", "objective.sg_lambda.end=1.0",
                      f"objective.sg_lambda.warmup_steps={steps // 2}"))]
+    out += [Setting("family", name, config, overrides, samplings=True) for name, config, overrides in (
+        ("fm", "toy2d_mf", ("objective.name=fm",)), ("mf", "toy2d_mf", ()), ("imf", "toy2d_imf", ()),
+        # α reaches 0 (MeanFlow) at two thirds of the run, as the toy config's schedule does
+        ("alphaflow", "toy2d_alphaflow", (f"objective.alphaflow.end_step={2 * steps // 3}",)),
+        ("split_mf", "toy2d_split_mf", ()))]
     return out
 
 
@@ -91,11 +102,28 @@ def train(job: tuple[Setting, int, int, int]) -> Result:
         trainer = Trainer(cfg, stdout=io.StringIO())
         report = trainer.run()
         result = Result(setting, seed, report["sw1"], report["sw2"], read_series(Path(run_dir) / "metrics.jsonl"))
+        if setting.samplings:
+            result.sampled_sw1 = score_samplings(trainer, cfg)
         if setting.grad_variance:     # every β at the same parameters: the estimator's variance, controlled
             for beta in BETAS:
                 trainer.objective.cfg.tangent_beta.beta = beta
                 result.grad_variance[beta] = gradient_total_variance(trainer, cfg)
     return result
+
+
+def score_samplings(trainer: Trainer, cfg) -> dict[str, float]:
+    """SW1 of the trained EMA model under each of SAMPLINGS (the same samples' noise as the 1-NFE score)."""
+    from omegaconf import OmegaConf
+
+    from meanflow.evaluation.evaluator import Evaluator, describe_data
+
+    scores = {}
+    for label, overrides in SAMPLINGS.items():
+        eval_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        evaluator = Evaluator(eval_cfg, describe_data(eval_cfg.data, eval_cfg.run.seed), torch.device("cpu"), 0, 1)
+        [result] = evaluator.run(trainer.engine.ema_model or trainer.engine.model, trainer.step)
+        scores[label] = result.metrics["sw1"]
+    return scores
 
 
 def read_series(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -183,12 +211,30 @@ def write_report(results: list[Result], out: Path, args, elapsed_s: float) -> Pa
         f"boundary tangent). Mean ± sd over seeds. Lower SW is better.",
         "",
     ]
-    sections = [tangents_section, share_section, beta_section, imf_section, stability_section, sg_lambda_section]
-    for section in sections:
-        lines += section(results, plots) + [""]
+    sections = {"tangents": tangents_section, "share": share_section, "beta": beta_section, "imf": imf_section,
+                "stability": stability_section, "sg_lambda": sg_lambda_section, "family": family_section}
     path = out / "FIDELITY.md"
+    if args.only:   # replace the named sections of the existing report, keep the others as they are
+        text = path.read_text()
+        for name in args.only:
+            new = "\n".join(sections[name](results, plots) + [""]) + "\n"
+            text = replace_section(text, new)
+        path.write_text(text)
+        return path
+    for section in sections.values():
+        lines += section(results, plots) + [""]
     path.write_text("\n".join(lines))
     return path
+
+
+def replace_section(report: str, section: str) -> str:
+    """``report`` with the ``## `` section of the same title as ``section`` replaced by it (appended if new)."""
+    title = section.splitlines()[0]
+    start = report.find(title + "\n")
+    if start < 0:
+        return report.rstrip("\n") + "\n\n" + section
+    end = report.find("\n## ", start + len(title))
+    return report[:start] + section + (report[end + 1:] if end >= 0 else "")
 
 
 def sw_table(groups: dict[str, list[Result]], extra: dict[str, callable] | None = None) -> list[str]:
@@ -299,6 +345,21 @@ def imf_section(results, plots) -> list[str]:
             verdict(lower(cv["iMF"], cv["MF"]),
                     f"iMF's loss varies {cv['iMF']:.3f} against MF's {cv['MF']:.3f} (claim: lower variance)."),
             "", "![imf](fidelity/imf_loss.png)"]
+
+
+def family_section(results, plots) -> list[str]:
+    groups = by_label(results, "family")
+    bar_plot(plots / "family.png", groups, "1-NFE SW1 by objective (checkerboard)")
+    rows = ["| objective | 1-NFE SW1 | " + " | ".join(f"{label} SW1" for label in SAMPLINGS) + " |",
+            "|" + "---|" * (2 + len(SAMPLINGS))]
+    for label, rs in groups.items():
+        rows.append(f"| {label} | {fmt([r.sw1 for r in rs])} | "
+                    + " | ".join(fmt([r.sampled_sw1[s] for r in rs]) for s in SAMPLINGS) + " |")
+    return ["## 7. The family at equal steps", "",
+            "Each objective at its toy config (`toy2d_mf` for fm and mf, `toy2d_imf`, `toy2d_alphaflow` with α "
+            "reaching 0 at two thirds of the run, `toy2d_split_mf`), the same steps and seeds; every trained EMA "
+            "model is sampled 1-NFE, with 2 flow-map steps, and with the consistency sampler (x̂ = z − t·u(z, 0, t), "
+            "re-noised to t = 0.5, one more step).", "", *rows, "", "![family](fidelity/family.png)"]
 
 
 def stability_section(results, plots) -> list[str]:
@@ -415,11 +476,15 @@ def main() -> None:
     p.add_argument("--samples", type=int)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    p.add_argument("--only", nargs="+", metavar="EXPERIMENT",
+                   help="run these experiments only (tangents, share, beta, imf, stability, sg_lambda, family) and "
+                        "replace their sections of the existing FIDELITY.md")
     args = p.parse_args()
     args.steps = args.steps or (200 if args.quick else 3000)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.samples = args.samples or (1024 if args.quick else 4096)
-    jobs = [(s, seed, args.steps, args.samples) for s in settings(args.steps) for seed in range(args.seeds)]
+    chosen = [s for s in settings(args.steps) if not args.only or s.experiment in args.only]
+    jobs = [(s, seed, args.steps, args.samples) for s in chosen for seed in range(args.seeds)]
     print(f"fidelity: {len(jobs)} runs of {args.steps} steps on {args.workers} worker(s)", flush=True)
     started = time.perf_counter()
     results = []

@@ -54,6 +54,17 @@ def test_a_regime_change_in_a_norm_is_not_a_spike():
     assert g.decide(135, {"grad_norm": 100 * quiet[-1]}).detector == "zscore:grad_norm"
 
 
+def test_a_change_of_branch_restarts_the_windows_instead_of_reading_the_jump_as_a_spike():
+    """α-Flow's switch to α = 0 lifts the weighted loss from ~0.75 to ~1 for good: with the objective's ``branch``
+    changing, the guard starts new windows; the same jump without a branch change is a spike."""
+    for branch_changes, expected in ((True, "apply"), (False, "skip")):
+        g = guard()
+        for i in range(128):
+            g.decide(i, {"loss": 0.75 + 0.001 * math.sin(i), "branch": 1.0})
+        assert g.decide(128, {"loss": 1.0, "branch": 2.0 if branch_changes else 1.0}).action == expected
+    assert g.state_dict()["phase"] == 1.0
+
+
 def test_a_slow_ramp_is_caught_by_the_lagged_maximum():
     """3% growth per step with 20% noise: the z-score adapts to it; ratio against the maximum older than the
     window (128) fires once the ramp has grown 10× over a window."""

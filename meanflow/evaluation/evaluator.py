@@ -8,7 +8,9 @@ What is measured depends on the data:
   ``eval.reference_stats``; for class-conditional digits also the share classified as the requested class; a grid of
   the first ``eval.grid`` samples.
 iMF models are sampled once per ``eval.guidance`` setting (ω, t_min, t_max): guidance is chosen at inference, so
-one evaluation sweeps it. MF models take no guidance at sampling.
+one evaluation sweeps it. MF models take no guidance at sampling. ``eval.sampler`` (flow_map | consistency) and
+``eval.steps`` (the time grid; empty: ``eval.nfe`` uniform steps) choose how every model is sampled; each metrics row
+records them with the NFE.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .feature_extractors import DIGITS, INCEPTION, load_feature_extractor
 from .feature_stats import FeatureMoments, InceptionScoreSums, all_reduce_sum, frechet_distance
 from .images import to_uint8
 from .reference_stats import embedded_digits_reference, load_reference
-from .sampling import UINT8_FORMULA, generate, rank_indices
+from .sampling import UINT8_FORMULA, generate, rank_indices, sampling_setting
 from .sliced_wasserstein import sliced_wasserstein
 
 
@@ -96,6 +98,15 @@ def guidance_tag(guidance: dict | None) -> str:
     return f"-w{guidance['omega']:g}-t{guidance['t_min']:g}-{guidance['t_max']:g}"
 
 
+def sampler_tag(setting: dict) -> str:
+    """File-name suffix of a sampling setting (``sampling_setting``, or a metrics row): '' for the flow map on the
+    uniform grid, so those names stay as they were."""
+    if setting.get("sampler", "flow_map") == "flow_map" and not setting.get("steps"):
+        return ""
+    grid = "-".join(f"{t:g}" for t in setting["steps"]) if setting["steps"] else f"nfe{setting['nfe']}"
+    return f"-{setting['sampler']}-{grid}"
+
+
 @dataclass
 class SettingResult:
     metrics: dict[str, Any]
@@ -137,6 +148,7 @@ class Evaluator:
                 raise FileNotFoundError("eval.reference_stats: not set; FID needs the real data's statistics (.npz "
                                         "from python -m meanflow.evaluation.reference_stats)")
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[ev.dtype]
+        self.setting = sampling_setting(ev)
 
     def run(self, model, step: int, show_progress: bool = False) -> list[SettingResult]:
         return [self._run_setting(model, step, g, show_progress)
@@ -147,10 +159,10 @@ class Evaluator:
         started = time.perf_counter()
         omega = None if guidance is None else guidance_conditions(1, **guidance)
         indices = rank_indices(ev.num_samples, self.rank, self.world_size)
-        batches = generate(model, indices, self.data.sample_shape, self.data.num_classes, ev.seed, nfe=ev.nfe,
+        batches = generate(model, indices, self.data.sample_shape, self.data.num_classes, ev.seed, **self.setting,
                            omega=omega, batch_size=ev.batch_size, device=self.device,
                            autocast_dtype=self.autocast_dtype, show_progress=show_progress)
-        metrics = {"step": step, "nfe": ev.nfe, "guidance": guidance, "num_samples": ev.num_samples,
+        metrics = {"step": step, **self.setting, "guidance": guidance, "num_samples": ev.num_samples,
                    "seed": ev.seed, "world_size": self.world_size, "dtype": ev.dtype, **numeric_settings()}
         if self.data.kind == "toy":
             result = self._score_points(batches, metrics)

@@ -2,9 +2,9 @@
 guidance setting) and one row per setting appended to ``<run>/eval/metrics.jsonl`` (what ``plot`` reads).
 
 metrics.json is written last, via temp-then-rename where the store can rename. It accumulates: a later evaluation
-of the same step with other settings (a guidance sweep, more samples) adds its results, and one with the same
-settings (guidance, NFE, number of samples, seed) replaces them. Evaluation jobs skip a step whose metrics.json
-already holds every requested setting.
+of the same step with other settings (a guidance sweep, another sampler, more samples) adds its results, and one
+with the same settings (guidance, sampler, time grid, NFE, number of samples, seed) replaces them. Evaluation jobs
+skip a step whose metrics.json already holds every requested setting.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ import json
 
 from meanflow.platform.checkpoint.upload import BoundedWriter
 from meanflow.platform.metrics import append_records
-from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
+from meanflow.platform.storage import join, read_bytes
 
-from .evaluator import SettingResult, guidance_tag
+from .evaluator import SettingResult, guidance_tag, sampler_tag
 from .images import save_image_grid, save_scatter_png
 
 
 def describe_metrics(metrics: dict) -> str:
-    """One setting's result as a log line: ``guidance {...}, fid 12.3, is_mean 4.5, ...``."""
-    keys = ("guidance", "fid", "is_mean", "class_accuracy", "sw1", "sw2", "samples_per_s")
+    """One setting's result as a log line: ``guidance {...}, sampler flow_map, nfe 1, fid 12.3, is_mean 4.5, ...``
+    (``steps`` only when a grid was given)."""
+    keys = ("guidance", "sampler", "nfe", "steps", "fid", "is_mean", "class_accuracy", "sw1", "sw2", "samples_per_s")
     return ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
-                     for k in keys if metrics.get(k) is not None)
+                     for k in keys if metrics.get(k) not in (None, []))
 
 
 def step_dir(run_dir: str, step: int) -> str:
@@ -35,8 +36,10 @@ def metrics_url(run_dir: str, step: int) -> str:
 
 
 def setting_key(row: dict) -> str:
-    """What makes two results of one step comparable: the same sampling setting."""
-    return json.dumps([row.get("guidance"), row["nfe"], row["num_samples"], row["seed"]], sort_keys=True)
+    """What makes two results of one step comparable: the same sampling setting. Rows from before the sampler was
+    recorded are flow-map rows on the uniform grid."""
+    return json.dumps([row.get("guidance"), row.get("sampler", "flow_map"), row.get("steps", []), row["nfe"],
+                       row["num_samples"], row["seed"]], sort_keys=True)
 
 
 def stored_results(run_dir: str, step: int) -> list[dict]:
@@ -61,10 +64,10 @@ def write_results(run_dir: str, step: int, results: list[SettingResult], extra: 
     rows = []
     for result in results:
         m = result.metrics
-        name = f"samples{guidance_tag(m['guidance'])}.png"
+        name = f"samples{guidance_tag(m['guidance'])}{sampler_tag(m)}.png"
         if result.points is not None and result.points.shape[1] == 2:
-            writer.call(lambda: save_scatter_png(result.points, join(out, name), reference=result.real,
-                                                 title=f"step {step}: {m['nfe']}-NFE, SW1 {m['sw1']:.3f}"),
+            title = f"step {step}: {m['nfe']}-NFE {m['sampler']}, SW1 {m['sw1']:.3f}"
+            writer.call(lambda: save_scatter_png(result.points, join(out, name), reference=result.real, title=title),
                         join(out, name), "upload")
         elif result.grid is not None:
             writer.call(lambda: save_image_grid(result.grid, join(out, name), nrow=8), join(out, name), "upload")

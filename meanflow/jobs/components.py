@@ -11,7 +11,9 @@ from omegaconf import DictConfig
 from meanflow.data_pipeline import build_stream
 from meanflow.evaluation.evaluator import Evaluator, describe_data
 from meanflow.models import build_model, count_parameters
+from meanflow.models.decoupled_init import init_from_flow_model
 from meanflow.models.execution import configure_execution
+from meanflow.models.pretrained import load_flow_weights, load_teacher
 from meanflow.objectives import ObjectiveContext, build_objective
 from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import ConfigError
@@ -51,9 +53,14 @@ def data_stream(cfg: DictConfig, env: DistEnv):
 def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
     """The engine ``engine.kind`` names, over identical initial weights on every rank, with the model's execution
     settings (JVP attention backend, compiled and checkpointed blocks) in force."""
+    start = starting_weights(cfg.model.init_from)
+
     def model_factory():
         torch.manual_seed(cfg.run.seed)                  # the same initial weights on every rank and rebuild
-        return build_model(cfg.model)
+        model = build_model(cfg.model)
+        if start is not None:                            # a resume then loads its checkpoint over these
+            init_from_flow_model(model, start)
+        return model
 
     try:
         configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
@@ -62,18 +69,42 @@ def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
         raise ConfigError(str(err)) from err
 
 
-def objective_with_context(cfg: DictConfig, stream, env: DistEnv):
+def starting_weights(url: str) -> dict[str, torch.Tensor] | None:
+    """model.init_from's state dict (read once: sharded engines build the model twice, for the EMA too)."""
+    if not url:
+        return None
+    try:
+        return load_flow_weights(url)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"model.init_from {url}: {err}") from err
+
+
+def objective_with_context(cfg: DictConfig, stream, env: DistEnv, device: torch.device):
     """The objective, and a function giving its context for a micro-batch's rows of the global batch. What an
-    objective needs beyond the model it declares (the marginal-velocity oracle), and the stream offers."""
+    objective needs beyond the model it declares (the marginal-velocity oracle), and the stream offers; a
+    SplitMeanFlow distillation's frozen teacher."""
     objective = build_objective(cfg.objective, cfg.model.num_classes)
     oracle = stream.marginal_velocity() if objective.needs_marginal_velocity else None
+    teacher = frozen_teacher(cfg, device)
 
     def context(rows: torch.Tensor, ema_model) -> ObjectiveContext:
         return ObjectiveContext(seed=cfg.run.seed, global_batch=cfg.data.global_batch, rows=rows,
                                 ema_model=ema_model, rank=env.rank, world_size=env.world_size,
-                                marginal_velocity=oracle)
+                                marginal_velocity=oracle, teacher=teacher)
 
     return objective, context
+
+
+def frozen_teacher(cfg: DictConfig, device: torch.device):
+    """objective.split_mf.teacher's flow model when split_mf (itself, or under stability) distils from it."""
+    o = cfg.objective
+    distils = "split_mf" in (o.name, o.stability.base if o.name == "stability" else None)
+    if not distils or o.split_mf.v_source != "teacher":
+        return None
+    try:
+        return load_teacher(cfg.model, o.split_mf.teacher, device)
+    except (ValueError, OSError, RuntimeError) as err:   # RuntimeError: the weights do not fit the model config
+        raise ConfigError(f"objective.split_mf.teacher {o.split_mf.teacher or '(empty)'}: {err}") from err
 
 
 def checkpoint_store(cfg: DictConfig, rank: int) -> CheckpointStore:

@@ -4,7 +4,8 @@
     (the same as ``python jobs/submit.py eval ...``; under torchrun or SLURM every rank samples its share)
 
 The run's stored config.yaml says what the model and data are; ``key=value`` overrides change the evaluation
-(``eval.num_samples=50000``, ``eval.guidance=[{omega:1.0},{omega:2.5,t_min:0.2,t_max:0.8}]``, ...). Each rank
+(``eval.num_samples=50000``, ``eval.guidance=[{omega:1.0},{omega:2.5,t_min:0.2,t_max:0.8}]``,
+``eval.sampler=consistency eval.steps=[1,0.55,0]``, ...). Each rank
 loads the step's EMA weights itself (no sharding at inference), samples global indices rank, rank+W, …, and the
 feature sums are all-reduced; rank 0 writes ``<run>/eval/step-000NNNNN/``. A step already evaluated (its
 metrics.json holds every requested setting) is skipped unless ``--force``, so a resubmitted job does no work twice.
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from meanflow.evaluation.evaluator import Evaluator, describe_data, guidance_settings
 from meanflow.evaluation.outputs import describe_metrics, is_evaluated, write_results
+from meanflow.evaluation.sampling import sampling_setting
 from meanflow.platform.checkpoint import CheckpointStore
 from meanflow.platform.config import ConfigError
 from meanflow.platform.distributed import all_gather_objects, init_distributed, resolve_env, shutdown, \
@@ -41,8 +43,12 @@ def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: boo
     init_distributed(env, device, cfg.engine.process_group_timeout_s)
     try:
         store = open_store(cfg, run_dir, env.rank)
+        try:
+            settings = requested_settings(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         # Rank 0's view of the store and of what is evaluated, on every rank: they must loop over the same steps.
-        todo = all_gather_objects(_plan(store, run_dir, steps, every_step, force, requested_settings(cfg)))[0]
+        todo = all_gather_objects(_plan(store, run_dir, steps, every_step, force, settings))[0]
         if not todo:
             _log(env, stdout, f"{run_dir}: nothing to evaluate (every requested step has metrics; --force redoes)")
             return []
@@ -73,8 +79,9 @@ def evaluate_steps(run_dir: str, steps: list[int] | None = None, every_step: boo
 
 
 def requested_settings(cfg: DictConfig) -> list[dict]:
+    """The settings (``setting_key`` fields) an evaluation with this config produces; ValueError on a bad one."""
     ev = cfg.eval
-    return [{"guidance": g, "nfe": ev.nfe, "num_samples": ev.num_samples, "seed": ev.seed}
+    return [{"guidance": g, **sampling_setting(ev), "num_samples": ev.num_samples, "seed": ev.seed}
             for g in guidance_settings(cfg.model, ev)]
 
 

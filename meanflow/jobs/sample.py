@@ -1,7 +1,8 @@
 """``jobs/submit.py sample --run-dir URL [--step N] --num 64 [--guidance OMEGA,T_MIN,T_MAX ...]``: samples of a
 committed step as a PNG (grid, or scatter plot for 2-D toys) and an ``.npz`` (uint8 images or float points, labels,
-global indices) per guidance setting, under ``<run>/samples/`` or ``--out``. Sample i is the same as sample i of
-an evaluation with the same seed."""
+global indices) per guidance setting, under ``<run>/samples/`` or ``--out``. ``eval.sampler`` / ``eval.steps`` /
+``eval.nfe`` overrides choose the sampler as in an evaluation. Sample i is the same as sample i of an evaluation with
+the same seed and sampling setting."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import io
 import numpy as np
 import torch
 
-from meanflow.evaluation.evaluator import LatentDecoder, describe_data, guidance_settings, guidance_tag
+from meanflow.evaluation.evaluator import LatentDecoder, describe_data, guidance_settings, guidance_tag, sampler_tag
 from meanflow.evaluation.images import save_image_grid, save_scatter_png, to_uint8
-from meanflow.evaluation.sampling import generate
+from meanflow.evaluation.sampling import generate, sampling_setting
 from meanflow.objectives import guidance_conditions
+from meanflow.platform.config import ConfigError
 from meanflow.platform.storage import join, write_bytes_atomic
 
 from .evaluate import guidance_override
@@ -27,12 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, default=64, help="samples per guidance setting")
     p.add_argument("--guidance", action="append", metavar="OMEGA[,T_MIN,T_MAX]", help="iMF guidance (repeatable)")
     p.add_argument("--out", help="URL prefix of the files (default <run>/samples/step-000NNNNN)")
-    p.add_argument("overrides", nargs="*", help="eval.* overrides (eval.seed, eval.nfe, eval.vae, ...)")
+    p.add_argument("overrides", nargs="*",
+                   help="eval.* overrides (eval.seed, eval.nfe, eval.sampler, eval.steps, eval.vae, ...)")
 
 
 def run(args) -> int:
     cfg = load_run_config(args.run_dir, [*args.overrides, *guidance_override(args.guidance),
                                          f"eval.num_samples={args.num}"])
+    try:
+        setting = sampling_setting(cfg.eval)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     store = open_store(cfg, args.run_dir)
     step = resolve_step(store, args.step)
     model, which = load_sampling_model(cfg, store, step, "cpu")
@@ -41,17 +48,17 @@ def run(args) -> int:
     prefix = args.out or join(args.run_dir, "samples", f"step-{step:08d}")
     for guidance in guidance_settings(cfg.model, cfg.eval):
         omega = None if guidance is None else guidance_conditions(1, **guidance)
-        parts = list(generate(model, range(args.num), data.sample_shape, data.num_classes, cfg.eval.seed,
-                              nfe=cfg.eval.nfe, omega=omega, batch_size=cfg.eval.batch_size, show_progress=True))
+        parts = list(generate(model, range(args.num), data.sample_shape, data.num_classes, cfg.eval.seed, **setting,
+                              omega=omega, batch_size=cfg.eval.batch_size, show_progress=True))
         x = torch.cat([p[1] for p in parts])
         labels = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
-        name = prefix + guidance_tag(guidance)
+        name = prefix + guidance_tag(guidance) + sampler_tag(setting)
         arrays = {"index": np.arange(args.num), "step": step}
         if labels is not None:
             arrays["label"] = labels.numpy()
         if data.kind == "toy":
             arrays["points"] = x.numpy()
-            save_scatter_png(x, name + ".png", title=f"step {step}: {cfg.eval.nfe}-NFE")
+            save_scatter_png(x, name + ".png", title=f"step {step}: {setting['nfe']}-NFE {setting['sampler']}")
         else:
             images = decoder(x) if decoder else x
             arrays["images_uint8"] = to_uint8(images).numpy()

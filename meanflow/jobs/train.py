@@ -49,7 +49,7 @@ class Trainer:
         components.process_group(cfg, self.env, self.device)
         self.stream = components.data_stream(cfg, self.env)
         self.engine = components.training_engine(cfg, self.device, self.env)
-        self.objective, self.context = components.objective_with_context(cfg, self.stream, self.env)
+        self.objective, self.context = components.objective_with_context(cfg, self.stream, self.env, self.device)
         self.evaluator = components.end_of_run_evaluator(cfg, self.device, self.env)
         self.store = components.checkpoint_store(cfg, self.env.rank)
         self.guard, self.recovery, self.faults = components.guard_parts(cfg, self.engine, self.stream, self.store,

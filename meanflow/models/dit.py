@@ -3,6 +3,9 @@
 Follows facebookresearch/DiT `models.py` layer by layer; the differences are a second timestep embedder for
 h = t - r, no learned sigma (out channels = in channels), no label dropout inside the model, and the fixed
 position embedding kept as a buffer rather than a frozen parameter.
+
+``conditioning="decoupled"`` is Decoupled MeanFlow's flow map (OBJECTIVES.md §9, kyungmnlee/dmf ``DMFT``): the
+first ``dmf_depth`` blocks see t, the rest and the final layer see r, through one time embedder.
 """
 
 import torch
@@ -11,7 +14,9 @@ from torch import nn
 from .attention import attention
 from .execution import managed_block
 from .embeddings import (LabelEmbedder, PatchEmbed, TimestepEmbedder, init_linear_layers, sincos_pos_embed_2d,
-                         unpatchify)
+                         timestep_embedding, unpatchify)
+
+CONDITIONINGS = ("standard", "decoupled")
 
 
 def modulate(x_BLD, shift_BD, scale_BD):
@@ -92,17 +97,37 @@ class FinalLayer(nn.Module):
 
 
 class MFDiT(nn.Module):
-    """u_theta(x, r, t | y): c = emb_t(t) + emb_h(t - r) + emb_y(y); returns u with the shape of x."""
+    """u_theta(x, r, t | y); returns u with the shape of x.
 
-    def __init__(self, *, image_size, patch_size, in_channels, num_classes, depth, width, heads):
+    standard: every block and the final layer on c = emb_t(t) + emb_h(t - r) + emb_y(y).
+    decoupled: the first ``dmf_depth`` blocks on emb_t(t) + emb_h(0) + emb_y(y), the others and the final layer
+    on emb_t(r) + emb_h(0) + emb_y(y) (the same embedder), plus a zero-initialised log-variance head
+    (``log_variance``). emb_h(0) is a learned constant, not an h condition: it is what a standard model trained as a
+    flow model (r = t) adds, and computing it as that model does (the same batched matmul; folding it into a bias
+    changes the last bits, batched GEMMs are not row-independent) makes the decoupled model at r = t bitwise that
+    flow model with the same weights (``decoupled_init.init_from_flow_model``).
+    """
+
+    def __init__(self, *, image_size, patch_size, in_channels, num_classes, depth, width, heads,
+                 conditioning="standard", dmf_depth=0):
         super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"model.conditioning: unknown {conditioning!r}; known: {', '.join(CONDITIONINGS)}")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.num_classes = num_classes
         self.grid_size = image_size // patch_size
+        self.conditioning = conditioning
+        self.decoupled = conditioning == "decoupled"
+        if self.decoupled:
+            self.dmf_depth = dmf_depth or (2 * depth) // 3
+            if not 0 < self.dmf_depth <= depth:
+                raise ValueError(f"model.dmf_depth: must be in [1, depth] = [1, {depth}], got {self.dmf_depth}")
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, width)
         self.t_embedder = TimestepEmbedder(width)
         self.h_embedder = TimestepEmbedder(width)
+        if self.decoupled:
+            self.logvar_head = nn.Linear(2 * self.t_embedder.frequency_dim, 1)
         self.y_embedder = LabelEmbedder(num_classes, width)
         # Fixed, but persistent so a model built on the meta device recovers it from a checkpoint.
         self.register_buffer("pos_embed", torch.zeros(1, self.grid_size**2, width))
@@ -120,19 +145,40 @@ class MFDiT(nn.Module):
         self.t_embedder.init_weights()
         self.h_embedder.init_weights()
         # adaLN-zero: every block starts as the identity and the output as exactly zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zero_init = [block.adaLN_modulation[-1] for block in self.blocks]
+        zero_init += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.decoupled:
+            zero_init.append(self.logvar_head)
+        for layer in zero_init:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, *, t, r, y=None, omega=None):
-        """x: (B, C, H, W); t, r: (B,) with r <= t; y: (B,) labels or None (null); omega is ignored."""
+    def log_variance(self, t, r):
+        """Decoupled only: l_φ(t, r) (B,) = Linear(concat(sin_emb(t), sin_emb(r))), the time embedder's features."""
+        dim = self.t_embedder.frequency_dim
+        freq = torch.cat([timestep_embedding(t, dim), timestep_embedding(r, dim)], dim=-1)
+        return self.logvar_head(freq.to(self.logvar_head.weight.dtype)).squeeze(-1)
+
+    def forward(self, x, *, t, r, y=None, omega=None, return_logvar=False):
+        """x: (B, C, H, W); t, r: (B,) with r <= t; y: (B,) labels or None (null); omega is ignored.
+
+        return_logvar (decoupled): also return ``log_variance(t, r)``, as (u, l). It runs inside forward so that
+        engines which gather parameters per forward (FSDP2) have the head's weights at hand.
+        """
         B, _, H, W = x.shape
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, L, D)
-        c = self.t_embedder(t) + self.h_embedder(t - r) + self.y_embedder(y, B, x.device)  # (B, D)
-        for block in self.blocks:
+        y_emb = self.y_embedder(y, B, x.device)
+        if self.decoupled:
+            h_emb = self.h_embedder(torch.zeros_like(t))
+            c = self.t_embedder(t) + h_emb + y_emb  # (B, D)
+            for block in self.blocks[:self.dmf_depth]:
+                tokens = block(tokens, c)
+            c = self.t_embedder(r) + h_emb + y_emb
+            blocks = self.blocks[self.dmf_depth:]
+        else:
+            c = self.t_embedder(t) + self.h_embedder(t - r) + y_emb
+            blocks = self.blocks
+        for block in blocks:
             tokens = block(tokens, c)
-        out = self.final_layer(tokens, c)  # (B, L, p*p*C)
-        return unpatchify(out, self.patch_size, self.in_channels, H, W)
+        u = unpatchify(self.final_layer(tokens, c), self.patch_size, self.in_channels, H, W)
+        return (u, self.log_variance(t, r)) if return_logvar else u

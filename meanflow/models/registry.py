@@ -63,7 +63,8 @@ def build_model(cfg):
                       layers=getattr(cfg, "mlp_layers", 3))
     if family == "mf_dit":
         depth, width, heads = _dit_shape(cfg, family, MF_DIT_SIZES)
-        return MFDiT(**_image_args(cfg), depth=depth, width=width, heads=heads)
+        return MFDiT(**_image_args(cfg), depth=depth, width=width, heads=heads,
+                     conditioning=getattr(cfg, "conditioning", "standard"), dmf_depth=getattr(cfg, "dmf_depth", 0))
     if family == "imf_dit":
         depth, width, heads = _dit_shape(cfg, family, IMF_DIT_SIZES)
         if (width // heads) % 2:

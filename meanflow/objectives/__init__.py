@@ -6,19 +6,23 @@ Each objective is ``objective(model, batch, step, ctx) -> (loss, stats)``; build
 
 from __future__ import annotations
 
+from .alphaflow import AlphaFlow
 from .base import Objective, ObjectiveContext
+from .dmf import DecoupledMeanFlow
 from .flow_matching import FlowMatching
 from .imf import ImprovedMeanFlow
 from .jvp import jvp
 from .meanflow import MeanFlow, SGLambda
 from .samplers import guidance_conditions, sample, sample_noise
+from .split_meanflow import SplitMeanFlow
 from .stability import NonExpansivity
 from .tangent_beta import TangentBeta
 
 # The registry: ``objective.name`` (and a wrapper's ``base``) accepts exactly these names, which the config reads
 # from here (meanflow.platform.config.choices), so adding an objective is one entry.
 OBJECTIVES = {"fm": FlowMatching, "mf": MeanFlow, "sg_lambda": SGLambda, "imf": ImprovedMeanFlow,
-              "tangent_beta": TangentBeta}   # name -> class(objective cfg, num_classes)
+              "tangent_beta": TangentBeta, "split_mf": SplitMeanFlow,
+              "alphaflow": AlphaFlow, "dmf": DecoupledMeanFlow}   # name -> class(objective cfg, num_classes)
 WRAPPERS = {"stability": NonExpansivity}     # name -> class(base objective, cfg.<name>); base: cfg.<name>.base
 NAMES = (*OBJECTIVES, *WRAPPERS)
 
@@ -37,4 +41,5 @@ def build_objective(cfg, num_classes: int = 0) -> Objective:
 
 __all__ = ["Objective", "ObjectiveContext", "build_objective", "jvp", "sample", "sample_noise",
            "guidance_conditions", "FlowMatching", "MeanFlow", "SGLambda", "NonExpansivity", "ImprovedMeanFlow",
-           "TangentBeta", "NAMES", "OBJECTIVES", "WRAPPERS"]
+           "TangentBeta", "SplitMeanFlow", "AlphaFlow", "DecoupledMeanFlow",
+           "NAMES", "OBJECTIVES", "WRAPPERS"]

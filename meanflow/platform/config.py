@@ -254,7 +254,7 @@ class DecoupledMeanFlowConfig:
 @dataclass
 class ObjectiveConfig:
     name: str = "mf"
-    """fm, mf, sg_lambda, stability, imf, tangent_beta."""
+    """fm, mf, sg_lambda, stability, imf, tangent_beta, alphaflow, split_mf, dmf."""
     time: TimeSamplerConfig = field(default_factory=TimeSamplerConfig)
     """(t, r) sampler."""
     weight_p: float = bounded(1.0, ge=0)
@@ -450,8 +450,8 @@ class EvalConfig:
     """flow_map: z ← z − (t_i − t_{i+1})·u(z, t_{i+1}, t_i) on linspace(1, 0, nfe + 1); consistency: x̂ = z − t·u(z, 0, t),
     then re-noise to the next time with fresh noise (α-Flow's multi-step sampler)."""
     steps: List[float] = bounded([], ge=0, le=1)
-    """Time points of the consistency sampler, from 1 down to 0 (α-Flow XL/2: [1, 0.55, 0]); empty:
-    linspace(1, 0, nfe + 1)."""
+    """Time points from 1 down to 0 for either sampler (α-Flow's XL/2 consistency grid: [1, 0.55, 0]); then the
+    NFE is len(steps) − 1. Empty: linspace(1, 0, nfe + 1)."""
     seed: int = bounded(1234, ge=0)
     """Sampling seed: sample i's noise and class label depend only on (seed, i)."""
     guidance: List[SamplingGuidance] = field(default_factory=lambda: [SamplingGuidance()])

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 WATCHED = ("loss", "grad_norm", "jvp_norm")
 LOG_SCALE = ("grad_norm", "jvp_norm")   # non-negative norms, z-scored as logarithms
+PHASE = "branch"                         # an objective's regime (alphaflow); a change restarts the windows
 
 
 @dataclass
@@ -66,10 +67,24 @@ class Guard:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.stats = {name: RollingStat(cfg.window, log_scale=name in LOG_SCALE) for name in WATCHED}
+        self.stats = self._fresh_windows()
         self.skip_steps: deque[int] = deque()
         self.rollback_steps: deque[int] = deque()
         self.counts = {"skip": 0, "rollback": 0}
+        self.phase: float | None = None
+
+    def _enter_phase(self, stats: dict) -> None:
+        """An objective that switches regime (α-Flow's branch: trajectory FM → interval → MeanFlow) reports
+        ``branch``; its loss and norms jump by design there, so the windows start again instead of reading the
+        switch as a spike."""
+        phase = float(stats[PHASE]) if PHASE in stats else None
+        if phase != self.phase:
+            if self.phase is not None:
+                self.stats = self._fresh_windows()
+            self.phase = phase
+
+    def _fresh_windows(self) -> dict[str, RollingStat]:
+        return {name: RollingStat(self.cfg.window, log_scale=name in LOG_SCALE) for name in WATCHED}
 
     def _spike(self, values: dict[str, float]) -> Decision | None:
         for name, value in values.items():
@@ -87,6 +102,7 @@ class Guard:
         values = {k: float(stats[k]) for k in WATCHED if k in stats}
         if not self.cfg.enabled:
             return Decision("apply", values=values)
+        self._enter_phase(stats)
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         decision = Decision("rollback", f"nonfinite:{bad[0]}", values) if bad else self._spike(values)
         if decision is None:
@@ -115,7 +131,7 @@ class Guard:
         return {"stats": {k: {"values": list(s.values), "count": s.count, "max": s.max}
                           for k, s in self.stats.items()},
                 "skip_steps": list(self.skip_steps), "rollback_steps": list(self.rollback_steps),
-                "counts": dict(self.counts)}
+                "counts": dict(self.counts), "phase": self.phase}
 
     def load_state_dict(self, state: dict) -> None:
         for k, saved in state["stats"].items():
@@ -126,4 +142,5 @@ class Guard:
         self.skip_steps = deque(state["skip_steps"])
         self.rollback_steps = deque(state["rollback_steps"])
         self.counts = dict(state["counts"])
+        self.phase = state.get("phase")   # checkpoints written before phases were tracked have none
 
