@@ -350,7 +350,7 @@ def imf_section(results, plots) -> list[str]:
 def family_section(results, plots) -> list[str]:
     groups = by_label(results, "family")
     bar_plot(plots / "family.png", groups, "1-NFE SW1 by objective (checkerboard)")
-    rows = ["| objective | 1-NFE SW1 | " + " | ".join(f"{label} SW1" for label in SAMPLINGS) + " |",
+    rows = ["| setting | 1-NFE SW1 | " + " | ".join(f"{label} SW1" for label in SAMPLINGS) + " |",
             "|" + "---|" * (2 + len(SAMPLINGS))]
     for label, rs in groups.items():
         rows.append(f"| {label} | {fmt([r.sw1 for r in rs])} | "

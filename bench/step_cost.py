@@ -37,14 +37,14 @@ from meanflow.data_pipeline import build_embedded_stream
 from meanflow.jobs.components import resolve_device
 from meanflow.models import build_model, count_parameters
 from meanflow.models.execution import configure_execution, set_block_execution
-from meanflow.objectives import ObjectiveContext, build_objective
+from meanflow.objectives import AlphaFlow, ObjectiveContext, build_objective
 from meanflow.objectives.base import adaptive_weighted_loss, expand_like, model_u
 from meanflow.objectives.time_sampling import sample_time_pairs
 from meanflow.platform.config import load_config
 from meanflow.platform.engines import build_engine
 
 OBJECTIVES = ("fm", "mf", "mf+all", "mf+naive", "mf+two_pass", "imf", "imf+all", "sg_lambda", "stability",
-              "tangent_beta")
+              "tangent_beta", "alphaflow", "split_mf", "dmf")
 VARIANTS = ("all", "naive", "two_pass", "math", "compiled", "compiled_jvp", "ckpt")
 # Dense bf16 peak (no sparsity) for MFU; other devices print no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -69,6 +69,8 @@ def configure(cfg, row: str) -> tuple[str, set[str]]:
         cfg.objective.sg_lambda.start = cfg.objective.sg_lambda.end = 1.0
     if name == "imf" and cfg.model.family != "imf_dit":
         cfg.objective.imf.tangent = "boundary"
+    if name == "dmf":                             # DMF trains the decoupled MF-DiT (same parameters + one head)
+        cfg.model.conditioning = "decoupled"
     configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
     return name, set(variants)
 
@@ -218,22 +220,34 @@ def forward_cost(cfg, device, synthetic: bool, repeats: int = 10) -> tuple[float
 
 def floor_in_forwards(cfg, name: str, variants: set[str]) -> float:
     """Issue 8's FLOP floor in forward-equivalents F: forward + backward 3F; the JVP's tangent pass 1F on the rows
-    with r ≠ t only (on every row for +all/+naive/+two_pass); each no-grad forward 1F (training CFG: 2; iMF: 2;
-    the EMA or boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows; stability 3F.
-    The peers' MF computes no training CFG: +naive 4F (the JVP's primal is the forward); +two_pass 5F (a no-grad
-    JVP, primal 1F + tangent 1F, then its own forward and backward 3F)."""
+    with r ≠ t only (on every row for +all/+naive/+two_pass); each no-grad forward 1F (training CFG: 2, or 1 at
+    κ = 0; iMF: 2; the EMA or boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows;
+    stability 3F. The peers' MF computes no training CFG: +naive 4F (the JVP's primal is the forward); +two_pass 5F
+    (a no-grad JVP, primal 1F + tangent 1F, then its own forward and backward 3F). OBJECTIVES.md §7-§9: alphaflow
+    1F more on its r < t rows unless α = 1 (the no-grad u(z_s, r, s), or at α = 0 the JVP's tangent); split_mf 2F
+    more on its interval rows (two no-grad forwards), training CFG on its boundary rows only; dmf two branches
+    (3F + 4F) with training CFG in each."""
     o = cfg.objective
     if variants & set(PEER_LOSS_FNS):
         return 5.0 if "two_pass" in variants else 4.0
     share = 1.0 if "all" in variants else 1.0 - o.time.share_r_eq_t
     cfg_on = cfg.model.num_classes and not (o.guidance.omega == 1.0 and o.guidance.kappa == 0.0)
+    guidance = (2.0 if o.guidance.kappa else 1.0) if cfg_on else 0.0
     base = o.stability.base if name == "stability" else name
     if base == "fm":
         floor = 3.0
     elif base == "imf":
         floor = 3.0 + share + 2.0
+    elif base == "alphaflow":
+        alpha = AlphaFlow(o).alpha(0)
+        floor = 3.0 + (1.0 - o.alphaflow.share_fm) * (alpha < 1) + guidance
+    elif base == "split_mf":
+        boundary = o.split_mf.share_boundary
+        floor = 3.0 + 2.0 * (1.0 - boundary) + guidance * boundary
+    elif base == "dmf":
+        floor = 7.0 + 2.0 * guidance
     else:
-        floor = 3.0 + share + (2.0 if cfg_on else 0.0)
+        floor = 3.0 + share + guidance
         floor += 2.0 * share if base == "sg_lambda" else 0.0
         floor += 1.0 if base == "tangent_beta" and o.tangent_beta.proxy != "v_head" else 0.0
     return floor + (3.0 if name == "stability" else 0.0)

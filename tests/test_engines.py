@@ -20,6 +20,11 @@ OBJECTIVES = {   # config, extra overrides
                               "objective.sg_lambda.end=1.0"]),
     "imf": ("tiny_imf", []),
     "stability": ("tiny_mf", ["objective.name=stability", "objective.stability.base=mf"]),
+    # α from about 0.6 down (the interval rows' no-grad forward), then α = 0 at step 4 (MF's JVP)
+    "alphaflow": ("tiny_mf", ["objective.name=alphaflow", "objective.alphaflow.end_step=4",
+                              "objective.alphaflow.gamma=1"]),
+    "split_mf": ("tiny_mf", ["objective.name=split_mf", "objective.weight_p=0"]),
+    "dmf": ("tiny_dmf", []),
 }
 
 

@@ -26,11 +26,11 @@ def test_quick_report_is_written_with_finite_numbers_and_plots(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=580)
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "FIDELITY.md").read_text()
-    for section in range(1, 7):
+    for section in range(1, 8):
         assert f"## {section}." in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| setting")
             and not line.startswith("| toy")]
-    assert len(rows) == 3 + 4 + 20 + 2 + 5 + 4 + 4   # the six tables, and β's fixed-parameter table (4 toys)
+    assert len(rows) == 3 + 4 + 20 + 2 + 5 + 4 + 4 + 5   # the seven tables, and β's fixed-parameter table (4 toys)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         sw = cells[2:4] if cells[1].replace(".", "").isdigit() else cells[1:3]   # β rows carry β in cell 2
@@ -39,6 +39,16 @@ def test_quick_report_is_written_with_finite_numbers_and_plots(tmp_path):
     assert report.count("Reproduced.") + report.count("Not reproduced.") + report.count("Inconclusive") >= 10
     for image in re.findall(r"\(fidelity/([a-z_]+\.png)\)", report):
         assert (tmp_path / "fidelity" / image).stat().st_size > 1000
+
+
+def test_only_replaces_the_named_section_of_an_existing_report(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from fidelity import replace_section
+
+    report = "# title\n\n## 1. a\nold a\n\n## 2. b\nold b\n"
+    assert replace_section(report, "## 1. a\nnew a\n") == "# title\n\n## 1. a\nnew a\n## 2. b\nold b\n"
+    assert replace_section(report, "## 2. b\nnew b\n") == "# title\n\n## 1. a\nold a\n\n## 2. b\nnew b\n"
+    assert replace_section(report, "## 3. c\nc\n").endswith("old b\n\n## 3. c\nc\n")
 
 
 def test_the_velocity_oracle_is_exact_for_a_one_point_distribution(monkeypatch):

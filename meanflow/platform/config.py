@@ -232,11 +232,14 @@ class AlphaFlowConfig:
 @dataclass
 class SplitMeanFlowConfig:
     share_boundary: float = bounded(0.5, ge=0, le=1)
-    """Share of the global batch (first rows) with r = t, trained on ‖u(z,t,t) − ṽ‖²."""
+    """Share of the global batch (first rows) with r = t, trained on ‖u(z,t,t) − ṽ‖². Train it with plain L2
+    (objective.weight_p=0, as toy2d_split_mf does): under MF's adaptive weight the noise-free interval rows outweigh
+    the boundary rows ~100× and the toy run diverged."""
     v_source: str = "conditional"
     """Boundary target: conditional (v_c, with training CFG as in MF) or teacher (a frozen flow model's velocity)."""
     teacher: str = ""
-    """v_source=teacher: the flow model, an exported .safetensors or a run directory (its newest checkpoint)."""
+    """v_source=teacher: the flow model, an exported .safetensors or a run directory (its newest checkpoint), built
+    with this config's model section; set model.init_from to the same URL to start the student from it."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from meanflow.platform.checkpoint.upload import BoundedWriter
 from meanflow.platform.config import ConfigError
 from meanflow.platform.storage import filesystem, is_local, join
 
-from . import Tracker, evaluation_tag, guard_counts, scalars
+from .base import Tracker, evaluation_tag, guard_counts, scalars
 
 try:
     from torch.utils.tensorboard import SummaryWriter
