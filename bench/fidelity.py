@@ -7,11 +7,11 @@ seeds per setting, and writes ``FIDELITY.md`` plus PNG plots into ``--out`` (``f
 questions, one per paper claim: wrong JVP tangents, the share of rows with r ≠ t, the control-variate tangent β,
 iMF against MF, the non-expansivity term, SG_λ's curriculum; and the family side by side (fm, mf, imf,
 alphaflow, split_mf at equal steps, each sampled 1-NFE, 2-NFE and with the 2-step consistency sampler).
-``--only`` runs the named experiments and replaces just their sections of an existing FIDELITY.md. Metrics: 1-NFE SW1/SW2 (4096 samples, 500
-directions) of the EMA model, the training metrics the trainer logs (loss, mse, jvp_norm, expansion ratio, β*),
-and for β the gradient's total variance Tr Cov[∇ℓ] over 8 replica batches at the end. Claims are reported, never
-asserted: where a number disagrees with a paper, the report says so. ``--quick`` (CI): few steps, one seed, 1024
-samples — it checks that the report is produced, not what it says.
+``--only`` runs the named experiments and replaces just their sections of an existing FIDELITY.md.
+Metrics: 1-NFE SW1/SW2 (4096 samples, 500 directions) of the EMA model, the training metrics the trainer logs
+(loss, mse, jvp_norm, expansion ratio, β*), and for β the gradient's total variance Tr Cov[∇ℓ] over 8 replica
+batches at the end. Claims are reported, never asserted: where a number disagrees with a paper, the report says so.
+``--quick`` (CI): few steps, one seed, 1024 samples — it checks that the report is produced, not what it says.
 """
 
 from __future__ import annotations

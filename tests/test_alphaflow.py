@@ -271,3 +271,24 @@ def test_short_run_through_the_trainer(tmp_path):
     steps = [rec for rec in records if "loss" in rec and "event" not in rec]
     assert steps[-1]["step"] == 40 and all(math.isfinite(rec["loss"]) for rec in steps)
     assert {rec["branch"] for rec in steps} == {0.0, 1.0, 2.0}
+
+
+@pytest.mark.timeout(120)
+def test_a_resume_across_the_switch_to_meanflow_is_exact(tmp_path):
+    """Stopped at step 20 (interval branch) and resumed to 40 (α = 0 from ~25): the same losses as one run, the
+    guard's phase carried in the checkpoint."""
+    from meanflow.jobs.train import Trainer
+    from meanflow.platform.config import load_config
+
+    def run(run_dir, steps):
+        Trainer(load_config("toy2d_alphaflow", [f"run.run_dir={run_dir}", f"run.steps={steps}", "run.log_every=1",
+                                                "objective.alphaflow.end_step=30", "eval.at_end=false"])).run()
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if '"event"' not in line]
+
+    run(tmp_path / "straight", 40)
+    run(tmp_path / "split", 20)
+    run(tmp_path / "split", 40)
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight") and len(losses(tmp_path / "split")) == 40

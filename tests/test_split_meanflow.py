@@ -291,3 +291,29 @@ def test_toy_training_run_is_finite_and_its_run_dir_and_export_load_as_a_teacher
         assert torch.equal(from_run[key], value) and torch.equal(from_export[key], value), key
     teacher = load_teacher(cfg.model, str(run_dir), "cpu")
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.timeout(120)
+def test_distillation_from_a_teacher_run_through_the_trainer(tmp_path):
+    """v_source=teacher end to end: the trainer loads the teacher (a flow run's directory) frozen into the
+    objective's context, and the student starts from the same weights (model.init_from); a missing teacher is a
+    config error naming the key."""
+    from meanflow.jobs.train import Trainer
+    from meanflow.platform.config import ConfigError, load_config
+
+    teacher = tmp_path / "teacher"
+    Trainer(load_config("toy2d_mf", [f"run.run_dir={teacher}", "objective.name=fm", "run.steps=20",
+                                     "eval.at_end=false"])).run()
+    student = Trainer(load_config("toy2d_split_mf", [
+        f"run.run_dir={tmp_path / 'student'}", "run.steps=10", "eval.at_end=false",
+        "objective.split_mf.v_source=teacher", f"objective.split_mf.teacher={teacher}",
+        f"model.init_from={teacher}"]))
+    frozen = student.context(torch.arange(4), None).teacher
+    assert frozen is not None and not any(p.requires_grad for p in frozen.parameters())
+    for (name, p), q in zip(frozen.state_dict().items(), student.engine.model.state_dict().values()):
+        assert torch.equal(p, q), name            # init_from: the student starts as its teacher
+    student.run()
+    with pytest.raises(ConfigError, match="objective.split_mf.teacher"):
+        Trainer(load_config("toy2d_split_mf", [f"run.run_dir={tmp_path / 'none'}",
+                                               "objective.split_mf.v_source=teacher",
+                                               f"objective.split_mf.teacher={tmp_path / 'missing'}"]))
