@@ -21,10 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import OmegaConf
 
 from .base import (Objective, ObjectiveOutput, expand_like, masked_mean, model_u, noise_batch, per_sample_norm,
-                   per_sample_sq)
+                   per_sample_sq, with_r_eq_t_share)
 from .guidance import mf_guided_velocity
 from .jvp import jvp
 
@@ -50,7 +49,7 @@ class AlphaFlow(Objective):
     def __init__(self, cfg, num_classes: int = 0):
         self.cfg, self.num_classes = cfg, num_classes
         # The shared (t, r) sampler, its r = t share being share_fm: a fixed count of the global batch by index.
-        self.draw_cfg = OmegaConf.merge(cfg, {"time": {"share_r_eq_t": cfg.alphaflow.share_fm}})
+        self.draw_cfg = with_r_eq_t_share(cfg, cfg.alphaflow.share_fm)
 
     def alpha(self, step: int) -> float:
         a = self.cfg.alphaflow

@@ -143,6 +143,14 @@ class NoisedBatch:
     rand: StepRandom                   # for the objective's own further draws
 
 
+def with_r_eq_t_share(cfg, share: float):
+    """The objective section with its (t, r) sampler's r = t share replaced (objectives whose boundary rows have a
+    share of their own: alphaflow's share_fm, split_mf's share_boundary)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"time": {"share_r_eq_t": share}})
+
+
 def noise_batch(batch: dict, step: int, ctx: ObjectiveContext, cfg, num_classes: int) -> NoisedBatch:
     """Draw (t, r), e and the label drop for this step's rows and build z_t and v_c; ``cfg`` is the objective's."""
     x = batch["x"]

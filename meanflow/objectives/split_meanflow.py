@@ -14,10 +14,9 @@ For r ≤ s ≤ t, ``(t − r)·u(z_t, r, t) = (s − r)·u(z_s, r, s) + (t − 
 from __future__ import annotations
 
 import torch
-from omegaconf import OmegaConf
 
 from .base import (Objective, ObjectiveOutput, adaptive_weighted_loss, expand_like, model_u, noise_batch,
-                   per_sample_norm)
+                   per_sample_norm, with_r_eq_t_share)
 from .guidance import mf_guided_velocity
 
 V_SOURCES = ("conditional", "teacher")
@@ -37,7 +36,7 @@ class SplitMeanFlow(Objective):
             raise ValueError(f"objective.split_mf.v_source: unknown {self.split.v_source!r}; known: "
                              f"{', '.join(V_SOURCES)}")
         # The time sampler's r = t share is the boundary share: (t, r) drawn as every objective draws them.
-        self.noise_cfg = OmegaConf.merge(cfg, {"time": {"share_r_eq_t": self.split.share_boundary}})
+        self.noise_cfg = with_r_eq_t_share(cfg, self.split.share_boundary)
 
     def split_target(self, model, z, t, r, lam, y) -> torch.Tensor:
         """``(1 − λ)·u_θ(z_s, r, s) + λ·u_θ(z_t, s, t)`` with ``z_s`` one step of ``u_θ(z_t, s, t)``, no grad."""
