@@ -71,7 +71,8 @@ def configure(cfg, row: str) -> tuple[str, set[str]]:
         cfg.objective.imf.tangent = "boundary"
     if name == "dmf":                             # DMF trains the decoupled MF-DiT (same parameters + one head)
         cfg.model.conditioning = "decoupled"
-    configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
+    configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing,
+                        cfg.engine.compile_backend)
     return name, set(variants)
 
 
@@ -167,7 +168,7 @@ class Row:
 
     def run(self, steps) -> float:
         configure_execution(self.cfg.objective.jvp_attention, self.cfg.engine.compile,
-                            self.cfg.engine.activation_checkpointing)
+                            self.cfg.engine.activation_checkpointing, self.cfg.engine.compile_backend)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()

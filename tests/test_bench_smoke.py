@@ -70,10 +70,11 @@ def test_two_pass_mf_gives_the_naive_loss_and_gradients(monkeypatch, one_thread)
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(290)
 def test_gpu_suite_cpu_smoke_runs_and_reports_every_section(tmp_path):
+    # ~90 s on 2 quiet cores; the budget leaves room for a CI machine twice as slow
     out = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--cpu-smoke", "--out", str(tmp_path),
-                          "--budget-s", "170"], capture_output=True, text=True, timeout=190)
+                          "--budget-s", "250"], capture_output=True, text=True, timeout=280)
     sections = json.loads((tmp_path / "results.json").read_text())["sections"]
     assert set(sections) == GPU_SUITE_SECTIONS
     bad = {name: r for name, r in sections.items() if r["status"] not in ("ok", "skipped")}

@@ -82,17 +82,18 @@ def compiled_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("mode", ["outside_jvp", "all"])
-def test_compiled_blocks_match_eager_for_fm_mf_imf_and_sampling(mode):
+@pytest.mark.parametrize("mode,backend", [("outside_jvp", "inductor"), ("all", "inductor"), ("all", "aot_eager")])
+def test_compiled_blocks_match_eager_for_fm_mf_imf_and_sampling(mode, backend):
     """``outside_jvp``: the fm step, the guidance forwards, the rows with r = t and sampling are compiled, the JVP
     eager. ``all`` compiles the JVP too: the feasibility study (shared/reference/feasibility.md §4) saw an internal
     assert compiling torch.func.jvp through a DiT on torch 2.13/2.14; with forward_ad through these models it
-    compiles and agrees on torch 2.14.1 (CPU), and this test fails if that regresses."""
+    compiles and agrees on torch 2.14.1 (CPU), and this test fails if that regresses. aot_eager (the GPU suite's
+    CPU smoke) traces the same graphs and runs them with eager kernels."""
     cases = [("fm", "mf_dit", {}), ("mf", "mf_dit", {"guidance.omega": 2.0, "guidance.kappa": 0.5}),
              ("imf", "imf_dit", {"imf.tangent": "v_head"})]
     for name, family, extra in cases:
         eager_loss, eager_grad, _ = loss_grad_and_saved_bytes(name, family, extra, torch.float32)
-        set_block_execution(mode)
+        set_block_execution(mode, compile_backend=backend)
         before = compiled_graphs()
         loss, grad, _ = loss_grad_and_saved_bytes(name, family, extra, torch.float32)
         set_block_execution("none")
@@ -104,7 +105,7 @@ def test_compiled_blocks_match_eager_for_fm_mf_imf_and_sampling(mode):
     noise, labels = torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1])
     with torch.no_grad():
         eager = sample(model, noise, steps=2, y=labels)
-        set_block_execution(mode)
+        set_block_execution(mode, compile_backend=backend)
         compiled = sample(model, noise, steps=2, y=labels)
     assert relative_error(compiled, eager) < 1e-5
 

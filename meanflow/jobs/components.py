@@ -63,7 +63,8 @@ def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
         return model
 
     try:
-        configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing)
+        configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing,
+                            cfg.engine.compile_backend)
         return build_engine(cfg.engine, cfg.optim, model_factory, device, env.world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err

@@ -64,7 +64,8 @@ def resolve_step(store: CheckpointStore, step: int | None) -> int:
 
 def load_sampling_model(cfg: DictConfig, store: CheckpointStore, step: int, device) -> tuple[torch.nn.Module, str]:
     """The model the config describes with a committed step's EMA weights (or the model's, without EMA)."""
-    set_block_execution(cfg.engine.compile)   # sampling is compiled as training's plain forwards are
+    # sampling is compiled as training's plain forwards are
+    set_block_execution(cfg.engine.compile, compile_backend=cfg.engine.compile_backend)
     model = build_model(cfg.model)
     try:
         state, which = store.load_weights(step, model.state_dict())

@@ -28,23 +28,31 @@ from torch.autograd import forward_ad as fwAD
 from .attention import set_jvp_backend
 
 COMPILE_MODES = ("none", "outside_jvp", "all")
+# torch's ladder for telling a compiler fault from a tracing one: inductor (generated kernels), aot_eager (traced
+# forward and backward graphs run by eager kernels), eager (Dynamo's capture alone).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 _compile_mode = "none"
+_compile_backend = "inductor"
 _checkpointing = False
-_compiled: dict = {}
+_compiled: dict = {}     # (forward, backend) -> its compiled function
 
 
-def set_block_execution(compile_mode: str = "none", checkpointing: bool = False) -> None:
-    global _compile_mode, _checkpointing
+def set_block_execution(compile_mode: str = "none", checkpointing: bool = False,
+                        compile_backend: str = "inductor") -> None:
+    global _compile_mode, _compile_backend, _checkpointing
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"engine.compile: {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
-    _compile_mode, _checkpointing = compile_mode, checkpointing
+    if compile_backend not in COMPILE_BACKENDS:
+        raise ValueError(f"engine.compile_backend: {compile_backend!r} is not one of {', '.join(COMPILE_BACKENDS)}")
+    _compile_mode, _compile_backend, _checkpointing = compile_mode, compile_backend, checkpointing
 
 
-def configure_execution(jvp_attention: str, compile_mode: str = "none", checkpointing: bool = False) -> None:
+def configure_execution(jvp_attention: str, compile_mode: str = "none", checkpointing: bool = False,
+                        compile_backend: str = "inductor") -> None:
     """A training process's model execution settings: the attention backend under a tangent, and how blocks run."""
     set_jvp_backend(jvp_attention)
-    set_block_execution(compile_mode, checkpointing)
+    set_block_execution(compile_mode, checkpointing, compile_backend)
 
 
 def _has_tangent(args) -> bool:
@@ -59,7 +67,8 @@ def managed_block(forward):
         fn = forward
         if _compile_mode != "none" and x.shape[0] > 0 and not (_compile_mode == "outside_jvp"
                                                                and _has_tangent((x, *args))):
-            fn = _compiled.get(forward) or _compiled.setdefault(forward, torch.compile(forward))
+            key = (forward, _compile_backend)
+            fn = _compiled.get(key) or _compiled.setdefault(key, torch.compile(forward, backend=_compile_backend))
         if not (_checkpointing and torch.is_grad_enabled()):
             return fn(self, x, *args)
         if not _has_tangent((x, *args)):

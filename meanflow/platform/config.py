@@ -354,6 +354,9 @@ class EngineConfig:
     compile: str = "none"
     """torch.compile of the transformer blocks: none, outside_jvp (the no-grad guidance forwards, the rows with
     r = t, flow matching and sampling; the JVP runs eager) or all (models/execution.py)."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend of engine.compile: inductor, or aot_eager / eager to tell whether a fault is in
+    the generated kernels or in tracing (also the CPU smoke of bench/gpu_suite.py: no C++ build)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (correct under the JVP's forward AD) to fit XL batches."""
     process_group_timeout_s: float = bounded(600.0, gt=0)
@@ -627,7 +630,7 @@ def registry_choices() -> Dict[str, tuple]:
     on 2 busy cores), and the CLI imports config for ``--help`` and to reject a bad config before heavy imports."""
     from meanflow.data_pipeline import EMBEDDED_NAMES
     from meanflow.models.attention import JVP_BACKENDS
-    from meanflow.models.execution import COMPILE_MODES
+    from meanflow.models.execution import COMPILE_BACKENDS, COMPILE_MODES
     from meanflow.models.registry import FAMILIES, IMF_DIT_SIZES, MF_DIT_SIZES, PATCH_SIZES
     from meanflow.objectives import OBJECTIVES, WRAPPERS
     from meanflow.platform.engines import KINDS
@@ -646,6 +649,7 @@ def registry_choices() -> Dict[str, tuple]:
         "engine.fsdp_strategy": STRATEGIES,
         "engine.deepspeed_stage": STAGES,
         "engine.compile": COMPILE_MODES,
+        "engine.compile_backend": COMPILE_BACKENDS,
     }
 
 
