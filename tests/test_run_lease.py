@@ -120,3 +120,23 @@ def test_a_lease_held_by_a_slurm_job_on_another_host_is_free_once_slurm_says_the
             RunLease(str(tmp_path)).check_free()
     finally:
         subprocess.run(["scancel", running], timeout=30)
+
+
+def test_a_job_waits_while_slurm_cannot_say_whether_the_holding_job_ended(tmp_path, monkeypatch):
+    """squeue with an empty slurm.conf (or no squeue at all) cannot answer: a submission is refused at once, saying
+    why; a starting job asks again until the holder's lease expires, then takes it."""
+    (tmp_path / "empty-slurm.conf").touch()
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "empty-slurm.conf"))   # squeue: "Unable to process", exit 1
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run_dir = tmp_path / "run"
+    write_lease(run_dir, host="another-host", pid=1, started=0.0, renewed=time.time(), job="4242")
+    with pytest.raises(RunDirBusy, match="SLURM job 4242 \\(SLURM could not say whether that job has ended\\)"):
+        RunLease(str(run_dir), ttl_s=3).check_free()
+    lease = RunLease(str(run_dir), ttl_s=3)
+    write_lease(run_dir, host="another-host", pid=1, started=0.0, renewed=time.time(), job="4242")
+    started = time.monotonic()
+    lease.acquire()
+    assert json.loads((run_dir / LEASE).read_text())["holder"] == lease.record["holder"]
+    assert time.monotonic() - started > 2.0            # it waited for the expiry rather than taking it at once
+    lease.release()
+

@@ -17,9 +17,10 @@ import pytest
 import torch
 import webdataset as wds
 
+from meanflow.data_pipeline.errors import DataUnreadable, ShardUnreadable
 from meanflow.data_pipeline.manifest import ManifestError, read_manifest
 from meanflow.data_pipeline.shard_plan import ShardPlan, SlotPosition
-from meanflow.data_pipeline.shard_reader import DataUnreadable, ShardReader, ShardUnreadable
+from meanflow.data_pipeline.shard_reader import ShardReader
 from meanflow.data_pipeline.shard_writer import write_shards
 from meanflow.data_pipeline.sources import open_source
 from meanflow.data_pipeline.webdataset_stream import DataUnusable, ShardStream, merge_stream_states

@@ -39,9 +39,28 @@ def test_a_slurm_task_exports_its_rank_the_first_host_and_the_interface(slurm_ta
 
     export_distributed_env("ib0")
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("11", "16", "3")
-    assert os.environ["MASTER_ADDR"] == "gpu-07" and int(os.environ["MASTER_PORT"]) > 1024
+    assert os.environ["MASTER_ADDR"] == "gpu-07"
     assert os.environ["NCCL_SOCKET_IFNAME"] == os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
     assert "task: rank 11 of 16, local rank 3 on host " in capsys.readouterr().out
+
+
+def test_the_master_port_lies_below_the_ephemeral_ports_and_changes_when_the_job_is_requeued(slurm_task):
+    """A port from 32768 up can be some process's open connection (EADDRINUSE, seen in CI); a requeued instance
+    must not meet its predecessor's lingering sockets. Every task derives the same port from the job."""
+    import os
+
+    ports = []
+    for restart in ("0", "1", "2"):
+        slurm_task.setenv("SLURM_RESTART_COUNT", restart)
+        slurm_task.delenv("MASTER_PORT", raising=False)
+        export_distributed_env()
+        ports.append(int(os.environ["MASTER_PORT"]))
+    low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    assert all(1024 < port < low for port in ports) and len(set(ports)) == 3
+    assert ports[0] == distributed.job_master_port("4242", 0)
+    slurm_task.setenv("MASTER_PORT", "29400")                          # a port the user chose is kept
+    export_distributed_env()
+    assert os.environ["MASTER_PORT"] == "29400"
 
 
 def test_nccl_teardown_on_timeout_is_kept_and_restored_where_a_site_turned_it_off():

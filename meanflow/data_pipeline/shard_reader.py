@@ -20,7 +20,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from meanflow.platform.storage import filesystem
 
-from .errors import DataUnreadable, ShardUnreadable
+from .errors import ShardUnreadable
 from .shard_plan import ShardPlan, SlotPosition
 
 # A tar error is corruption only if it recurs at the same record: a connection dropped mid-body also looks like a

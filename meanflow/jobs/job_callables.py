@@ -20,15 +20,23 @@ from meanflow.platform.config import load_config_text
 from .outcome import job_result
 
 
+def restart_count() -> int:
+    """How many times SLURM has requeued this job (0 for its first instance, and off SLURM)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+
 def export_distributed_env(network_interface: str | None = None) -> None:
     """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's environment (all tasks, any node), and
     the collectives' own variables (distributed.collective_variables). CUDA_VISIBLE_DEVICES is left alone: the
     platform binds rank r to GPU LOCAL_RANK itself. Each task says who it is in its log, first thing."""
     import submitit
 
-    from meanflow.platform.distributed import collective_variables, describe_task
+    from meanflow.platform.distributed import collective_variables, describe_task, job_master_port
 
-    if submitit.JobEnvironment().num_tasks > 1 or "RANK" not in os.environ:
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1 or "RANK" not in os.environ:
+        # submitit exports a MASTER_PORT it finds set (the user's, else ours)
+        os.environ.setdefault("MASTER_PORT", str(job_master_port(job.job_id, restart_count())))
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ.update(collective_variables(network_interface, os.environ))
     print(describe_task(os.environ), flush=True)
@@ -68,7 +76,7 @@ class TrainJob:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 and "SLURM_JOB_ID" in os.environ:
             record_job(cfg.run.run_dir, {"event": "start", "job_id": os.environ["SLURM_JOB_ID"], "kind": "train",
-                                         "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))},
+                                         "restart": restart_count()},
                        store_writer(cfg))
 
         def train() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,19 @@ def collective_variables(network_interface: str | None, environ) -> dict[str, st
               flush=True)
         out[key] = default
     return out
+
+
+# Linux hands out client ports from 32768 up (ip_local_port_range): a listening port there collides, now and then,
+# with some process's open connection to the object store (EADDRINUSE when the TCPStore starts). Below it, only
+# other listeners can.
+MASTER_PORTS = range(15000, 32000)
+
+
+def job_master_port(job_id: str, restart: int) -> int:
+    """The rendezvous port every task of one job instance derives alike (submitit's own draw spans 20000-60000):
+    below the ephemeral range, and another one for each requeued instance of the job, whose predecessor's
+    sockets may still linger."""
+    return MASTER_PORTS[zlib.crc32(f"{job_id}/{restart}".encode()) % len(MASTER_PORTS)]
 
 
 def describe_task(environ) -> str:

@@ -6,7 +6,9 @@ and a rerun trained a second copy into the same directory: interleaved metrics, 
 is free when it is absent, released, not renewed within its ``ttl_s`` (the holder died on another host), held by
 a dead process of this host, held by a SLURM job that SLURM says has ended (a job whose node died, or that srun
 killed, never released its lease), or held by an earlier instance of the same SLURM job (a requeued job restarts
-after its old instance has ended). Otherwise a second writer is refused with the holder's identity.
+after its old instance has ended). Otherwise a second writer is refused with the holder's identity; a job taking
+the lease first waits (up to ``ttl_s``) while SLURM cannot say whether the holding job has ended (it is still
+COMPLETING, or slurmctld does not answer).
 
 Object stores have no compare-and-swap: two writers that start within the same second could both write the lease.
 The renewal thread reads it back every ``ttl_s / 4``; a writer that finds another holder there stops at its next
@@ -42,17 +44,20 @@ SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NOD
                "PREEMPTED", "TIMEOUT"}
 
 
-def _slurm_job_ended(job_id: str) -> bool:
-    """True when SLURM answers that the job has ended or no longer knows it; False when it runs, waits to, or
-    SLURM cannot be asked (then the lease's time-to-live decides)."""
+def _slurm_job_ended(job_id: str) -> bool | None:
+    """True when SLURM answers that the job has ended or no longer knows it; False when it runs or waits to; None
+    when it is still ending (COMPLETING: its processes are being stopped) or SLURM cannot be asked (a busy or
+    unreachable slurmctld)."""
     try:
         out = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"], capture_output=True,
                              text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return None
     if out.returncode != 0:
-        return "invalid job id" in out.stderr.lower()
+        return True if "invalid job id" in out.stderr.lower() else None
     states = set(out.stdout.split())
+    if "COMPLETING" in states:
+        return None
     return not states or states <= SLURM_ENDED
 
 
@@ -79,7 +84,8 @@ class RunLease:
         except (FileNotFoundError, ValueError):   # absent, or torn by a writer killed mid-write: free
             return None
 
-    def _free(self, held: dict | None) -> bool:
+    def _free(self, held: dict | None) -> bool | None:
+        """True: free; False: a live holder has it; None: a SLURM job holds it that SLURM cannot yet say ended."""
         if held is None or held.get("holder") == self.record["holder"]:
             return True
         if time.time() - held.get("renewed", 0) > self.ttl_s:
@@ -89,25 +95,34 @@ class RunLease:
         held_job = held.get("slurm_job_id")
         if held_job and held_job == self.record["slurm_job_id"]:
             return True
-        return bool(held_job) and _slurm_job_ended(held_job)
+        return _slurm_job_ended(held_job) if held_job else False
 
     def _write(self) -> None:
         write_bytes_atomic(self.url, json.dumps({**self.record, "renewed": time.time()}).encode())
 
-    def check_free(self) -> None:
-        """Raise RunDirBusy naming the holder unless the lease is free (also asked before a job is submitted)."""
-        held = self._read()
-        if not self._free(held):
+    def check_free(self, wait_s: float = 0.0) -> None:
+        """Raise RunDirBusy naming the holder unless the lease is free (also asked before a job is submitted).
+        While SLURM cannot say whether the holding job has ended, ask again for up to ``wait_s``: a slurmctld
+        hiccup at a job's start must not fail the job, and the lease expires ``ttl_s`` after its last renewal."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            held = self._read()
+            free = self._free(held)
+            if free or free is False or time.monotonic() >= deadline:
+                break
+            time.sleep(min(5.0, self.ttl_s / 10))
+        if not free:
             age = time.time() - held.get("renewed", 0)
+            unknown = " (SLURM could not say whether that job has ended)" if free is None else ""
             raise RunDirBusy(f"run.run_dir: {self.url.rsplit('/', 1)[0]} is being written by another live job "
                              f"(host {held.get('host')}, pid {held.get('pid')}, SLURM job "
-                             f"{held.get('slurm_job_id') or '-'}, lease renewed {age:.0f}s ago); stop it, or choose "
-                             f"another --run-dir (a dead holder's lease expires {self.ttl_s:g}s after its last "
-                             "renewal)")
+                             f"{held.get('slurm_job_id') or '-'}{unknown}, lease renewed {age:.0f}s ago); stop it, "
+                             f"or choose another --run-dir (a dead holder's lease expires {self.ttl_s:g}s after its "
+                             "last renewal)")
 
     def acquire(self) -> None:
         """Take the lease or raise RunDirBusy; then keep renewing it in a daemon thread."""
-        self.check_free()
+        self.check_free(wait_s=self.ttl_s)
         self._write()
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="run-lease")
         self._renewer.start()
