@@ -7,6 +7,25 @@ import pytest
 import torch
 from s3_server import MotoServer
 
+# The whole SLURM cluster is one shared resource: its tests run one after another on one pytest-xdist worker.
+SLURM_CLUSTER_MODULES = {"test_slurm", "test_multinode", "test_run_lease"}
+
+
+def pytest_collection_modifyitems(items):
+    """Under ``--dist loadgroup`` (pyproject's addopts) a test file runs whole on one worker, so its module
+    fixtures are built once; the files that use the SLURM cluster share one group."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group("slurm_cluster" if module in SLURM_CLUSTER_MODULES else module))
+
+
+def pytest_configure(config):
+    """Two workers on two cores: one intra-op thread each, for them and the processes they start (tiny tensors
+    gain nothing from a second thread, and two workers × two threads thrash)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def one_thread():
