@@ -11,12 +11,21 @@ from s3_server import MotoServer
 SLURM_CLUSTER_MODULES = {"test_slurm", "test_multinode", "test_run_lease"}
 
 
+# The longest groups start first (xdist hands groups out in collection order), so no worker idles at the end
+# while another still has one of them to run.
+LONGEST_GROUPS = ("slurm_cluster", "test_training", "test_engines", "test_fidelity")
+
+
 def pytest_collection_modifyitems(items):
     """Under ``--dist loadgroup`` (pyproject's addopts) a test file runs whole on one worker, so its module
     fixtures are built once; the files that use the SLURM cluster share one group."""
+    groups = {}
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group("slurm_cluster" if module in SLURM_CLUSTER_MODULES else module))
+        groups[item] = "slurm_cluster" if module in SLURM_CLUSTER_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: first.get(groups[item], len(first)))
 
 
 def pytest_configure(config):
