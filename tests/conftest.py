@@ -9,23 +9,32 @@ from s3_server import MotoServer
 
 # The whole SLURM cluster is one shared resource: its tests run one after another on one pytest-xdist worker.
 SLURM_CLUSTER_MODULES = {"test_slurm", "test_multinode", "test_run_lease"}
-
-
 # The longest groups start first (xdist hands groups out in collection order), so no worker idles at the end
 # while another still has one of them to run.
 LONGEST_GROUPS = ("slurm_cluster", "test_training", "test_engines", "test_fidelity")
 
 
+def worker_group(nodeid: str) -> str:
+    """The worker unit a test belongs to: its file, or the SLURM cluster's group."""
+    module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+    return "slurm_cluster" if module in SLURM_CLUSTER_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """A test file runs whole on one worker, so its module fixtures are built once. (xdist's own loadgroup marks
+    do not reach its scheduler on pytest 9.2: the test ids it appends the group to are read-only there.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Under ``--dist loadgroup`` (pyproject's addopts) a test file runs whole on one worker, so its module
-    fixtures are built once; the files that use the SLURM cluster share one group."""
-    groups = {}
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        groups[item] = "slurm_cluster" if module in SLURM_CLUSTER_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
     first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: first.get(groups[item], len(first)))
+    items.sort(key=lambda item: first.get(worker_group(item.nodeid), len(first)))
 
 
 def pytest_configure(config):
