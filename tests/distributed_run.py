@@ -24,7 +24,8 @@ def _rank_main(rank: int, world: int, port: int, config: str, overrides: list[st
     from meanflow.jobs.train import Trainer
     from meanflow.platform.config import load_config
 
-    Trainer(load_config(config, [*overrides, PG_TIMEOUT]), stdout=open(os.devnull, "w")).run()
+    # PG_TIMEOUT first: a caller's own engine.process_group_timeout_s wins
+    Trainer(load_config(config, [PG_TIMEOUT, *overrides]), stdout=open(os.devnull, "w")).run()
 
 
 def run_world(world: int, config: str, overrides: list[str], env: dict | None = None) -> None:

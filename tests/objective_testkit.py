@@ -56,6 +56,15 @@ def tiny_dit(family: str = "mf_dit", *, num_classes: int = NUM_CLASSES, v_head: 
     return perturb(build_model(cfg).to(dtype), scale, seed)
 
 
+def tiny_decoupled_dit(*, dtype=torch.float64, scale: float = 0.3, seed: int = 0) -> nn.Module:
+    """A 3-block MF-DiT with decoupled conditioning (Decoupled MeanFlow's model: 2 t-blocks, 1 r-block and a
+    log-variance head), every parameter perturbed."""
+    torch.manual_seed(seed)
+    cfg = SimpleNamespace(family="mf_dit", size="tiny", depth=3, width=32, heads=2, image_size=4, patch_size=2,
+                          in_channels=1, num_classes=NUM_CLASSES, conditioning="decoupled", dmf_depth=0)
+    return perturb(build_model(cfg).to(dtype), scale, seed)
+
+
 def tiny_mlp(*, dtype=torch.float64, scale: float = 0.5, seed: int = 0, data_dim: int = 2) -> nn.Module:
     torch.manual_seed(seed)
     cfg = SimpleNamespace(family="mlp", data_dim=data_dim, mlp_hidden=16, mlp_layers=2)

@@ -162,7 +162,7 @@ def test_loss_weights_interval_rows_by_alpha_and_flow_matching_rows_by_one(clamp
     assert obj.alpha(step) == alpha
     out = obj.compute(model, batch, step, ObjectiveContext.single_process(B, 5))
     x, y = batch["x"], out.model_kwargs["y"]
-    fm_rows = torch.arange(B) < 2
+    fm_rows = torch.arange(B) % 4 == 3                          # share 0.25 spread: ⌊(i + 1)/4⌋ > ⌊i/4⌋
     assert torch.equal(out.t == out.r, fm_rows)
     v = conditional_velocity(out, x)
     target = hand_target(model, out.z, out.t, out.r, v, alpha, y=y)

@@ -807,7 +807,7 @@ def test_r_eq_t_share_is_a_fixed_count_of_the_global_batch_by_index():
         rand = StepRandom(seed=3, step=2, global_batch=B, rows=rows, device=torch.device("cpu"))
         t, r = sample_time_pairs(rand, cfg)
         assert bool((r <= t).all())
-        assert torch.equal(t == r, rows < 2), rows
+        assert torch.equal(t == r, rows % 4 == 3), rows      # ⌊(i + 1)/4⌋ > ⌊i/4⌋: 2 rows, spread
 
 
 def test_draws_depend_on_run_seed_and_step():

@@ -108,7 +108,8 @@ def test_the_objective_draws_lambda_per_sample_and_calls_the_model_at_s_and_z_s_
     model = Spy(tiny_mlp())
     out = SplitMeanFlow(cfg).compute(model, toy_batch(B), step, ObjectiveContext.single_process(B, seed))
     lam = StepRandom(seed, step, B, torch.arange(B), torch.device("cpu")).uniform("split_lambda", dtype=out.t.dtype)
-    interval = torch.arange(2, B)
+    interval = (out.t != out.r).nonzero().squeeze(1)      # 6 of 8 rows, the boundary's 2 spread among them
+    assert len(interval) == 6
     train, u2_call, u1_call = model.calls          # no guidance, no labels: exactly three calls
     assert torch.equal(train["t"], out.t) and torch.equal(train["r"], out.r)
     t, r, lam = out.t[interval], out.r[interval], lam[interval]
@@ -145,7 +146,7 @@ def test_loss_and_gradient_equal_those_of_a_constant_target(p):
     model, batch = tiny_mlp(), toy_batch(B, seed=4)
     out = SplitMeanFlow(cfg).compute(model, batch, step, ObjectiveContext.single_process(B, seed))
     lam = StepRandom(seed, step, B, torch.arange(B), torch.device("cpu")).uniform("split_lambda", dtype=out.t.dtype)
-    is_boundary = torch.arange(B) < B // 2
+    is_boundary = torch.arange(B) % 2 == 1           # share 0.5 spread: ⌊(i + 1)/2⌋ > ⌊i/2⌋
     assert torch.equal(out.t == out.r, is_boundary)
     target = _reference_target(model, out, batch["x"], lam, is_boundary, conditional_velocity(out, batch["x"]))
     ref_loss, _ = adaptive_weighted_loss(model(out.z, t=out.t, r=out.r) - target, p, cfg.weight_c)
@@ -171,11 +172,13 @@ def test_teacher_velocity_is_the_boundary_target_and_a_missing_teacher_is_an_err
     obj = build_objective(cfg, NUM_CLASSES)
     out = obj.compute(model, batch, step, ObjectiveContext.single_process(B, seed, teacher=teacher))
     target = target_from_gradient(out, B)
-    torch.testing.assert_close(target[: B // 2], torch.full_like(target[: B // 2], 0.37), rtol=0, atol=1e-12)
-    assert not torch.allclose(target[B // 2:], torch.full_like(target[B // 2:], 0.37))
+    boundary = torch.arange(1, B, 2)               # share 0.5 spread: the odd rows
+    interval = torch.arange(0, B, 2)
+    torch.testing.assert_close(target[boundary], torch.full_like(target[boundary], 0.37), rtol=0, atol=1e-12)
+    assert not torch.allclose(target[interval], torch.full_like(target[interval], 0.37))
     (call,) = teacher.calls                       # on the boundary rows only, at r = t, with the model's labels
-    assert torch.equal(call["t"], out.t[: B // 2]) and torch.equal(call["r"], call["t"])
-    torch.testing.assert_close(call["y"], out.model_kwargs["y"][: B // 2], rtol=0, atol=0)
+    assert torch.equal(call["t"], out.t[boundary]) and torch.equal(call["r"], call["t"])
+    torch.testing.assert_close(call["y"], out.model_kwargs["y"][boundary], rtol=0, atol=0)
     with pytest.raises(ValueError, match="teacher"):
         obj.compute(model, batch, step, ObjectiveContext.single_process(B, seed))
 

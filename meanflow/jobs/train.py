@@ -32,6 +32,16 @@ from .preemption import Preempted
 from .preflight import check_engine_jvp, check_resumable, take_run_lease
 
 
+def check_stats_device(stats: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    """Every stat must lie on the loss's device: the stats are stacked into one tensor for the all-reduce, which
+    refuses to mix devices. A stat made without a device (``torch.tensor(x)``) is on the CPU, a mismatch only a GPU
+    run shows: name it."""
+    misplaced = {key: str(value.device) for key, value in stats.items() if value.device != loss.device}
+    if misplaced:
+        raise RuntimeError(f"objective stats {misplaced} are not on the loss's device ({loss.device}): create every "
+                           f"stat on it (torch.tensor(value, device=loss.device))")
+
+
 class Trainer:
     """``preemption``: a StopFlag (SLURM jobs) checked at every step boundary; when any rank's flag is set, every
     rank saves and ``run`` raises Preempted. ``on_commit(step)``: called on rank 0 once a checkpoint has committed
@@ -159,6 +169,7 @@ class Trainer:
             ctx = self.context(self.env.rank * local_batch + local, self.engine.ema_model)   # rows in the global batch
             with self.engine.autocast():
                 loss, stats = self.objective(self.engine.model, mb, self.step, ctx)
+            check_stats_device(stats, loss)
             if self.faults:
                 loss, stats = self.faults.apply_fault(loss, stats, self.state.attempt)
             grad_norm = self.engine.backward(loss.float() / accum, sync=k == accum - 1)

@@ -1,6 +1,6 @@
 """α-Flow (``alphaflow``, OBJECTIVES.md §7): a curriculum from trajectory flow matching (α = 1) to MeanFlow (α = 0).
 
-Rows: the first ``share_fm`` of the global batch have r = t and regress ``u_θ(z, t, t)`` on ṽ (MF's training-CFG
+Rows: ``share_fm`` of the global batch (spread over it) have r = t and regress ``u_θ(z, t, t)`` on ṽ (MF's training-CFG
 velocity); the others draw r < t from ``objective.time``. On those, for 0 < α ≤ 1,
 
     s = α·r + (1 − α)·t,   z_s = z_t − α·(t − r)·ṽ,   u_tgt = sg(α·ṽ + (1 − α)·u_θ(z_s, r, s)),
@@ -48,7 +48,7 @@ class AlphaFlow(Objective):
 
     def __init__(self, cfg, num_classes: int = 0):
         self.cfg, self.num_classes = cfg, num_classes
-        # The shared (t, r) sampler, its r = t share being share_fm: a fixed count of the global batch by index.
+        # The shared (t, r) sampler, its r = t share being share_fm: a fixed count spread over the global batch.
         self.draw_cfg = with_r_eq_t_share(cfg, cfg.alphaflow.share_fm)
 
     def alpha(self, step: int) -> float:
@@ -96,7 +96,8 @@ class AlphaFlow(Objective):
 
         branch = BRANCH_MEANFLOW if alpha == 0 else BRANCH_TRAJECTORY_FM if alpha == 1 else BRANCH_INTERVAL
         stats = dict(loss=loss.detach(), mse=sq.mean().detach(), u_norm=per_sample_norm(u).mean().detach(),
-                     alpha=torch.tensor(float(alpha)), branch=torch.tensor(float(branch)))
+                     alpha=torch.tensor(float(alpha), device=loss.device),
+                     branch=torch.tensor(float(branch), device=loss.device))
         if dudt is not None:
             # Only where a JVP was taken (OBJECTIVES.md: every objective reports it so); the guard restarts its
             # windows when `branch` changes, so the new statistic starts a window of its own.

@@ -109,16 +109,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
 
 
-def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_classes: int, layout: str = "official"):
+def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_classes: int, layout: str = "official",
+                r_eq_t_share: float = 0.0):
     """Replace a share p of labels by the null class ``num_classes``. Returns (y_model, dropped mask).
 
-    ``official``: the first Bin(B_global, p) rows of the global batch, as both official codes do (they lie inside
-    the r = t share, so the unconditional rows are flow-matching rows); ``independent``: a Bernoulli draw per row.
+    ``official``: Bin(B_global, p) rows, the first ones of the r = t set (``r_eq_t_share``, spread as the time
+    sampler spreads it) and, should the count exceed that set, the first of the other rows: both official codes drop
+    the first rows of a batch whose r = t rows come first, so the unconditional rows are flow-matching rows;
+    ``independent``: a Bernoulli draw per row.
     """
     if y is None:
         return None, None
     if layout == "official":
-        dropped = rand.first_rows(rand.binomial_count("label_drop", p))
+        dropped = rand.first_of_spread(r_eq_t_share, rand.binomial_count("label_drop", p))
     elif layout == "independent":
         dropped = rand.uniform("label_drop").lt(p)
     else:
@@ -160,5 +163,6 @@ def noise_batch(batch: dict, step: int, ctx: ObjectiveContext, cfg, num_classes:
     t_x = expand_like(t, x)
     z = (1 - t_x) * x + t_x * e
     y = batch.get("y")
-    y_model, dropped = drop_labels(y, rand, cfg.label_drop, num_classes, cfg.guidance.drop_layout)
+    y_model, dropped = drop_labels(y, rand, cfg.label_drop, num_classes, cfg.guidance.drop_layout,
+                                   cfg.time.share_r_eq_t)
     return NoisedBatch(x=x, e=e, t=t, r=r, z=z, v_c=e - x, y=y, y_model=y_model, dropped=dropped, rand=rand)

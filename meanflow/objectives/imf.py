@@ -65,14 +65,20 @@ class ImprovedMeanFlow(Objective):
             return out[1]
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def uses_unconditional(self, labelled: bool) -> bool:
+        """Whether the unconditional forward can weigh anything: ω̃ ≠ 1 needs s_max > 0, a dropped label needs
+        label_drop > 0. Decided by the config, not by the rows drawn: sharded engines (FSDP2) gather parameters in
+        every forward, so every rank must make the same calls; where a micro-batch has no such row, its weight is
+        0 and the target is v_c exactly."""
+        return self.cfg.imf.s_max > 0 or (labelled and self.cfg.label_drop > 0)
+
     def no_grad_velocities(self, model, z, t, y, dropped, omega_tilde):
         """The two no-grad forwards at h = 0: conditional (undropped y, ω̃, window [0, 1]) and unconditional."""
         ones, zeros = torch.ones_like(t), torch.zeros_like(t)
-        need_uncond = bool((omega_tilde != 1).any()) or (dropped is not None and bool(dropped.any()))
         with torch.no_grad():
             v_cond = self._velocity(model(z, t=t, r=t, y=y, omega=torch.stack([omega_tilde, zeros, ones], 1)))
             v_uncond = v_cond
-            if need_uncond:
+            if self.uses_unconditional(labelled=y is not None):
                 null = None if y is None else torch.full_like(y, self.num_classes)
                 v_uncond = self._velocity(model(z, t=t, r=t, y=null, omega=torch.stack([ones, zeros, ones], 1)))
         return v_cond, v_uncond

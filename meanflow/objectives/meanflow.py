@@ -58,7 +58,7 @@ class MeanFlow(Objective):
         stats.update(loss=loss.detach(), mse=sq.mean().detach(), u_norm=per_sample_norm(u).mean().detach(),
                      jvp_norm=masked_mean(per_sample_norm(dudt.detach()), has_jvp))
         if self.logs_lambda:
-            stats["lambda"] = torch.tensor(float(lam))
+            stats["lambda"] = torch.tensor(float(lam), device=loss.device)
         return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model}, v_c=nb.v_c)
 
 

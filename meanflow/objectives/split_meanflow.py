@@ -4,7 +4,7 @@ For r ≤ s ≤ t, ``(t − r)·u(z_t, r, t) = (s − r)·u(z_s, r, s) + (t − 
 (so t − s = λ·(t − r), s − r = (1 − λ)·(t − r)) this reads ``u(z_t, r, t) = (1 − λ)·u(z_s, r, s) + λ·u(z_t, s, t)``.
 - Interval rows (r < t), λ ~ U(0, 1) per sample: ``u2 = u_θ(z_t, s, t)``, ``z_s = z_t − (t − s)·u2``,
   ``u1 = u_θ(z_s, r, s)`` (online weights, no grad), ``u_tgt = sg((1 − λ)·u1 + λ·u2)``.
-- Boundary rows (the first ``share_boundary`` of the global batch, r = t): ``u_tgt = ṽ``, MF's training-CFG
+- Boundary rows (``share_boundary`` of the global batch spread over it, r = t): ``u_tgt = ṽ``, MF's training-CFG
   velocity built on v_c (``v_source: conditional``) or on a frozen teacher's velocity (``v_source: teacher``).
 - ``L = mean(sg(w)·‖u_θ(z_t, r, t) − u_tgt‖²)``, MF's adaptive weight on every row (as MF weighs its r = t rows).
   The interval targets carry no v_c noise, so p > 0 weighs them far above the boundary rows: on the 2-D toys that
@@ -61,7 +61,7 @@ class SplitMeanFlow(Objective):
     def compute(self, model, batch, step, ctx):
         nb = noise_batch(batch, step, ctx, self.noise_cfg, self.num_classes)
         z, t, r, y_model = nb.z, nb.t, nb.r, nb.y_model
-        is_boundary = nb.rand.first_share(self.split.share_boundary)
+        is_boundary = nb.rand.spread_share(self.split.share_boundary)    # the sampler's r = t rows
         lam = nb.rand.uniform("split_lambda", dtype=t.dtype)
         b_rows, i_rows = is_boundary.nonzero().squeeze(1), (~is_boundary).nonzero().squeeze(1)
 

@@ -42,7 +42,7 @@ class NonExpansivity(Objective):
     def compute(self, model, batch, step, ctx):
         out = self.base.compute(model, batch, step, ctx)
         mu = self.mu_at(step)
-        out.stats["stab_mu"] = torch.tensor(mu)
+        out.stats["stab_mu"] = torch.tensor(float(mu), device=out.loss.device)
         if mu == 0 and not self.cfg.measure_when_off:
             return out
         z, u = out.z, out.u

@@ -38,7 +38,7 @@ class TangentBeta(MeanFlow):
 
     def tangent(self, model, z, t, r, v_tilde, y, step, ctx, stats):
         beta = self.cfg.tangent_beta.beta
-        stats["beta"] = torch.tensor(float(beta))
+        stats["beta"] = torch.tensor(float(beta), device=z.device)
         every = self.cfg.tangent_beta.beta_star_every
         need_proxy = beta != 0 or (every and step % every == 0)
         if not need_proxy:
@@ -49,9 +49,10 @@ class TangentBeta(MeanFlow):
         return (1 - beta) * v_tilde + beta * v_hat
 
     def _beta_star(self, model, z, t, r, y, v_c, v_hat, step, ctx) -> dict[str, torch.Tensor]:
+        """β* over the rows with r ≠ t. Taken even when there are none (the JVPs then run on 0 rows): sharded
+        engines (FSDP2) gather parameters in every forward, so every rank must make the same calls and report the
+        same stats whatever its (t, r) draws; such a rank reports 0, as ``jvp_norm`` does."""
         rows = t != r
-        if not bool(rows.any()):
-            return {}
         zr, tr, rr = z[rows], t[rows], r[rows]
         yr = None if y is None else y[rows]
         u_of_z = lambda zz: model_u(model(zz, t=tr, r=rr, y=yr))
@@ -61,7 +62,8 @@ class TangentBeta(MeanFlow):
             probe = ctx.random(step, z.device).normal("beta_star_probe", *z.shape[1:], dtype=z.dtype)[rows]
             a = jacobian_scale(u_of_z, zr, h, probe)
             out["beta_star"] = beta_star_exact(a, v_c[rows], v_hat[rows], ctx.marginal_velocity(zr, tr))
-        return out
+        any_row = rows.any()
+        return {key: torch.where(any_row, value, torch.zeros_like(value)) for key, value in out.items()}
 
     def compute(self, model, batch, step, ctx):
         out = super().compute(model, batch, step, ctx)

@@ -1,4 +1,5 @@
-"""(t, r) pairs: t, r i.i.d. logit-normal(μ, σ) (or uniform), swapped so t ≥ r, then r := t on a fixed share.
+"""(t, r) pairs: t, r i.i.d. logit-normal(μ, σ) (or uniform), swapped so t ≥ r, then r := t on a fixed share
+spread evenly over the global batch.
 
 OBJECTIVES.md, "Building blocks". t = 0 is data, t = 1 is noise.
 """
@@ -11,7 +12,8 @@ from .randomness import StepRandom
 
 
 def sample_time_pairs(rand: StepRandom, cfg, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (t, r), each (B,), with r ≤ t and r = t on the first ⌊share_r_eq_t·B_global⌋ global rows.
+    """Return (t, r), each (B,), with r ≤ t and r = t on ⌊share_r_eq_t·B_global⌋ global rows
+    spread evenly over the global index (``StepRandom.spread_share``).
 
     dtype: at least float32; float64 data gets float64 times (the finite-difference tests need it).
     """
@@ -23,5 +25,5 @@ def sample_time_pairs(rand: StepRandom, cfg, dtype=torch.float32) -> tuple[torch
     else:
         raise ValueError(f"objective.time.kind: unknown sampler {cfg.kind!r}; known: logit_normal, uniform")
     t, r = pair.max(dim=1).values, pair.min(dim=1).values
-    r = torch.where(rand.first_share(cfg.share_r_eq_t), t, r)
+    r = torch.where(rand.spread_share(cfg.share_r_eq_t), t, r)
     return t, r

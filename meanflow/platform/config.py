@@ -135,7 +135,8 @@ class TimeSamplerConfig:
     sigma: float = bounded(1.0, gt=0)
     """Logit-normal std. MF ImageNet 1.0; MF CIFAR 2.0; iMF 1.0."""
     share_r_eq_t: float = bounded(0.75, ge=0, le=1)
-    """Share of the global batch (a fixed count, first rows) with r = t. MF ImageNet 0.75; CIFAR 0.25; iMF 0.5."""
+    """Share of the global batch with r = t: a fixed count, spread evenly over the global index so every rank holds
+    its part of the JVP rows. MF ImageNet 0.75; CIFAR 0.25; iMF 0.5."""
 
 
 @dataclass
@@ -149,8 +150,9 @@ class GuidanceConfig:
     t_end: float = bounded(1.0, ge=0, le=1)
     """Guidance window end."""
     drop_layout: str = "official"
-    """Which rows lose their label (objective.label_drop): official = the first Bin(B, label_drop) rows of the
-    global batch, inside the r = t share, so unconditional rows are flow-matching rows (both official codes);
+    """Which rows lose their label (objective.label_drop): official = Bin(B, label_drop) rows, the first ones of the
+    r = t set, so unconditional rows are flow-matching rows (both official codes drop the first rows of a batch
+    whose r = t rows come first);
     independent = a Bernoulli draw per sample."""
 
 
@@ -215,7 +217,8 @@ class TangentBetaConfig:
 @dataclass
 class AlphaFlowConfig:
     share_fm: float = bounded(0.5, ge=0, le=1)
-    """Share of the global batch (first rows) trained as flow matching (r = t) whatever α is."""
+    """Share of the global batch (spread over it as time.share_r_eq_t is) trained as flow matching (r = t)
+    whatever α is."""
     start_step: int = bounded(0, ge=0)
     """s0 of the sigmoid α schedule: α = 1 (trajectory flow matching) until here."""
     end_step: int = bounded(400000, ge=0)
@@ -232,9 +235,9 @@ class AlphaFlowConfig:
 @dataclass
 class SplitMeanFlowConfig:
     share_boundary: float = bounded(0.5, ge=0, le=1)
-    """Share of the global batch (first rows) with r = t, trained on ‖u(z,t,t) − ṽ‖². Train it with plain L2
-    (objective.weight_p=0, as toy2d_split_mf does): under MF's adaptive weight the noise-free interval rows outweigh
-    the boundary rows ~100× and the toy run diverged."""
+    """Share of the global batch (spread over it as time.share_r_eq_t is) with r = t, trained on ‖u(z,t,t) − ṽ‖².
+    Train it with plain L2 (objective.weight_p=0, as toy2d_split_mf does): under MF's adaptive weight the noise-free
+    interval rows outweigh the boundary rows ~100× and the toy run diverged."""
     v_source: str = "conditional"
     """Boundary target: conditional (v_c, with training CFG as in MF) or teacher (a frozen flow model's velocity)."""
     teacher: str = ""
