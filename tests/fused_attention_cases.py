@@ -2,9 +2,11 @@
 from its first import): the fused JVP attention against the math one.
 
 ``attention DTYPE...``: through `meanflow.models.attention`, primal, tangent and the gradients of the primal, at
-head dims 64 and 72 (padded) and lengths 64 and 68 (padded, hidden keys). ``objectives``: loss and parameter gradients of MF, iMF and SG_λ (λ = 1) on a DiT
-with 64 tokens, and how many attention calls the fused kernel served. One JSON line per case; errors are the
-largest absolute error relative to the reference's largest value."""
+head dims 64 and 72 (padded) and lengths 64 and 68 (padded, hidden keys). ``objectives``: loss and parameter
+gradients of MF, iMF and SG_λ (λ = 1) on a DiT with 64 tokens, and how many attention calls the fused kernel
+served. ``checkpointing``: MF and iMF with the fused kernel and activation checkpointing against math attention
+without it. One JSON line per case; errors are the largest absolute error relative to the reference's largest
+value."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch.autograd import forward_ad as fwAD
 
 from meanflow.models import build_model
 from meanflow.models.attention import attention, detached_tangents, set_jvp_backend
+from meanflow.models.execution import set_block_execution
 from meanflow.objectives import ObjectiveContext, build_objective
 from objective_testkit import flat_grad, objective_cfg, perturb
 
@@ -53,8 +56,9 @@ def relative_error(got, ref) -> float:
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def objective_case(name: str, family: str, extra: dict, device: str) -> dict:
-    """One objective's loss and gradients with each backend (fp32), and the count of fused calls."""
+def objective_case(name: str, family: str, extra: dict, device: str, checkpointing: bool = False) -> dict:
+    """One objective's loss and gradients with each backend (fp32; the fused one activation-checkpointed if asked),
+    and the count of fused calls (the backward's recomputations included)."""
     fused_calls = []
     fused = attention_module._fused_attention
 
@@ -69,6 +73,7 @@ def objective_case(name: str, family: str, extra: dict, device: str) -> dict:
     results = []
     for backend in ("math", "fused"):
         set_jvp_backend(backend)
+        set_block_execution(checkpointing=checkpointing and backend == "fused")
         torch.manual_seed(0)
         model_cfg = SimpleNamespace(family=family, size="tiny", depth=2, width=64, heads=1, image_size=16,
                                     patch_size=2, in_channels=1, num_classes=3, v_head=family == "imf_dit",
@@ -77,6 +82,7 @@ def objective_case(name: str, family: str, extra: dict, device: str) -> dict:
         cfg = objective_cfg(name, **{"time.share_r_eq_t": 0.5, **extra})
         out = build_objective(cfg, 3).compute(model, batch, 3, ObjectiveContext.single_process(8, 0))
         results.append((out.loss, flat_grad(out.loss, model)))
+    set_block_execution()
     (loss_math, grad_math), (loss_fused, grad_fused) = results
     return {"objective": name, **extra, "loss": relative_error(loss_fused, loss_math),
             "grad": relative_error(grad_fused, grad_math), "fused_calls": len(fused_calls)}
@@ -88,6 +94,9 @@ if __name__ == "__main__":
         for name, family, extra in (("mf", "mf_dit", {}), ("imf", "imf_dit", {}),
                                     ("sg_lambda", "mf_dit", {"sg_lambda.start": 1.0, "sg_lambda.end": 1.0})):
             print(json.dumps(objective_case(name, family, extra, device)), flush=True)
+    elif sys.argv[1] == "checkpointing":
+        for name, family in (("mf", "mf_dit"), ("imf", "imf_dit")):
+            print(json.dumps(objective_case(name, family, {}, device, checkpointing=True)), flush=True)
     else:
         for head_dim in (64, 72):
             for length in (64, 68):   # 68: not a multiple of 32, padded keys hidden

@@ -52,6 +52,12 @@ def test_grad_accum_must_divide_batch():
         load_config("tiny_mf", ["optim.grad_accum=3"])
 
 
+def test_the_fused_jvp_attention_is_refused_inside_a_compiled_jvp():
+    with pytest.raises(ConfigError, match="'objective.jvp_attention': 'fused' cannot run inside the compiled JVP"):
+        load_config("tiny_mf", ["engine.compile=all", "objective.jvp_attention=fused"])
+    load_config("tiny_mf", ["engine.compile=outside_jvp", "objective.jvp_attention=fused"])
+
+
 def test_eval_nodes_must_divide_eval_tasks():
     with pytest.raises(ConfigError, match="'eval.nodes': 2 does not divide eval.tasks = 3"):
         load_config("tiny_mf", ["eval.tasks=3", "eval.nodes=2"])

@@ -56,3 +56,11 @@ def test_objectives_through_the_fused_kernel_equal_math_and_sg_lambda_keeps_math
         assert results[name]["loss"] < 1e-5 and results[name]["grad"] < 1e-5, results[name]
     assert results["sg_lambda"]["fused_calls"] == 0
     assert results["sg_lambda"]["grad"] == 0.0
+
+
+def test_activation_checkpointing_recomputes_with_the_fused_kernel():
+    """The backward's recomputation of a checkpointed block re-enters the attention state of its forward: with math
+    attention there, its saved tensors would differ from the fused forward's (torch's CheckpointError)."""
+    for c in run_cases("checkpointing"):
+        assert c["fused_calls"] > 0, c
+        assert c["loss"] < 1e-5 and c["grad"] < 1e-5, c

@@ -7,7 +7,8 @@ tangent on q, k or v) the backend is ``objective.jvp_attention``:
   (SG_λ with λ > 0 backpropagates through it).
 - ``fused``: the Triton flash kernel of the ``jvp-flash-attention`` package, primal and tangent in one pass with
   O(L) memory. Its tangent output carries no gradient, so it serves only calls made under ``detached_tangents()``
-  (the JVP helper enters it for MF/iMF, whose targets stop the gradient); elsewhere ``math`` is used. Head dims
+  (the JVP helper enters it for MF/iMF, whose targets stop the gradient); elsewhere ``math`` is used, and so in a
+  JVP that torch.compile traces (``engine.compile: all``). q and k are cast to v's dtype first. Head dims
   other than 16/32/64/128/256 (XL/2: 72) and lengths that are not multiples of 32 (iMF's prefix tokens) are
   padded (see ``_fused_attention``).
 - ``auto`` (default): ``fused`` on CUDA tensors when the package is installed and the shape is supported, else
@@ -55,13 +56,20 @@ def fused_available() -> bool:
 
 
 @contextlib.contextmanager
-def detached_tangents():
-    """Inside, the caller promises not to differentiate attention's tangent output: the fused kernel may serve."""
-    token = _tangent_detached.set(True)
+def detached_tangents(detached: bool = True):
+    """Inside, the caller promises not to differentiate attention's tangent output: the fused kernel may serve.
+    ``detached=False`` withdraws the promise; a recomputation re-enters the state its forward ran in with
+    ``detached_tangents(tangents_detached())`` captured then."""
+    token = _tangent_detached.set(detached)
     try:
         yield
     finally:
         _tangent_detached.reset(token)
+
+
+def tangents_detached() -> bool:
+    """Whether the caller is inside ``detached_tangents()``."""
+    return _tangent_detached.get()
 
 
 def _has_tangent(tensor):
@@ -112,6 +120,10 @@ def _fused_attention(q, k, v):
     a tangent get a zero one (the kernel wants three)."""
     from jvp_flash_attention.jvp_attention import JVPAttn
 
+    # Under autocast q and k can stay float32 while v is bfloat16 (iMF-DiT rotates q and k with float32 cos/sin),
+    # and the kernel's backward `tl.dot` refuses operands of two dtypes.
+    q, k = q.to(v.dtype), k.to(v.dtype)
+
     batch, heads, length, head_dim = q.shape
     padded_length = -(-length // FUSED_LENGTH_MULTIPLE) * FUSED_LENGTH_MULTIPLE
     hide = padded_length != length
@@ -134,7 +146,10 @@ def _fused_attention(q, k, v):
 
 
 def _use_fused(q) -> bool:
-    if _jvp_backend == "math" or not _tangent_detached.get():
+    # Traced by torch.compile (engine.compile=all), the kernel runs its compile path: a custom op called under
+    # no_grad, without a backward, so the gradient of attention's primal output would be lost. Math attention
+    # is traced into the graph instead.
+    if torch.compiler.is_compiling() or _jvp_backend == "math" or not _tangent_detached.get():
         return False
     if _jvp_backend == "fused":
         if not fused_supports(q):

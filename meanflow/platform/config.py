@@ -723,6 +723,10 @@ def validate(cfg: DictConfig, source: str) -> None:
     if unknown or len(set(cfg.run.trackers)) != len(cfg.run.trackers):
         raise ConfigError(f"{source}: key 'run.trackers': {list(cfg.run.trackers)} must name each of "
                           f"{', '.join(TRACKERS)} at most once")
+    if cfg.engine.compile == "all" and cfg.objective.jvp_attention == "fused":
+        raise ConfigError(f"{source}: key 'objective.jvp_attention': 'fused' cannot run inside the compiled JVP of "
+                          "engine.compile=all (the kernel's compiled path has no backward); use 'auto' (math "
+                          "attention there) or engine.compile=outside_jvp")
     for key, length, meaning in (("objective.time_tangents", 2, "[dt, dr]"), ("optim.betas", 2, "[beta1, beta2]")):
         if len(OmegaConf.select(cfg, key)) != length:
             raise ConfigError(f"{source}: key '{key}': expected {meaning}, got {list(OmegaConf.select(cfg, key))}")
