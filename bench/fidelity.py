@@ -11,7 +11,7 @@ alphaflow, split_mf at equal steps, each sampled 1-NFE, 2-NFE and with the 2-ste
 Metrics: 1-NFE SW1/SW2 (4096 samples, 500 directions) of the EMA model, the training metrics the trainer logs
 (loss, mse, jvp_norm, expansion ratio, β*), and for β the gradient's total variance Tr Cov[∇ℓ] over 8 replica
 batches at the end. Claims are reported, never asserted: where a number disagrees with a paper, the report says so.
-``--quick`` (CI): few steps, one seed, 1024 samples — it checks that the report is produced, not what it says.
+``--quick`` (CI): few steps, one seed, 512 samples — it checks that the report is produced, not what it says.
 """
 
 from __future__ import annotations
@@ -470,7 +470,7 @@ def curve_plot(path: Path, groups: dict[str, list[Result]], key: str, title: str
 # ------------------------------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI size: 200 steps, 1 seed, 1024 samples")
+    p.add_argument("--quick", action="store_true", help="CI size: 100 steps, 1 seed, 512 samples")
     p.add_argument("--steps", type=int)
     p.add_argument("--seeds", type=int)
     p.add_argument("--samples", type=int)
@@ -480,9 +480,9 @@ def main() -> None:
                    help="run these experiments only (tangents, share, beta, imf, stability, sg_lambda, family) and "
                         "replace their sections of the existing FIDELITY.md")
     args = p.parse_args()
-    args.steps = args.steps or (200 if args.quick else 3000)
+    args.steps = args.steps or (100 if args.quick else 3000)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.samples = args.samples or (1024 if args.quick else 4096)
+    args.samples = args.samples or (512 if args.quick else 4096)
     chosen = [s for s in settings(args.steps) if not args.only or s.experiment in args.only]
     jobs = [(s, seed, args.steps, args.samples) for s in chosen for seed in range(args.seeds)]
     print(f"fidelity: {len(jobs)} runs of {args.steps} steps on {args.workers} worker(s)", flush=True)

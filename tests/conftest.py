@@ -9,15 +9,32 @@ from s3_server import MotoServer
 
 # The whole SLURM cluster is one shared resource: its tests run one after another on one pytest-xdist worker.
 SLURM_CLUSTER_MODULES = {"test_slurm", "test_multinode", "test_run_lease"}
-# The longest groups start first (xdist hands groups out in collection order), so no worker idles at the end
-# while another still has one of them to run.
-LONGEST_GROUPS = ("slurm_cluster", "test_training", "test_engines", "test_fidelity")
+# Whole training runs (marked slow), each a worker unit of its own so that a long file never queues behind one. Named
+# here, not found by their mark: xdist's scheduler runs in the controller, which never collects.
+SOLO_TESTS = ("tests/test_training.py::test_digits_local_run_samples_are_their_class",
+              "tests/test_fidelity.py::test_quick_report_is_written_with_finite_numbers_and_plots",
+              "tests/test_dmf.py::test_tiny_dmf_from_a_flow_run_samples_its_classes")
+# The longest units start first (xdist hands units out in collection order, and tops a worker up with the next unit
+# whenever it has at most two tests left), so no worker idles at the end while another still has a long one.
+LONGEST_GROUPS = ("slurm_cluster", SOLO_TESTS[0], "test_training", "test_engines")
 
 
 def worker_group(nodeid: str) -> str:
-    """The worker unit a test belongs to: its file, or the SLURM cluster's group."""
+    """The worker unit a test belongs to: the test alone for a whole training run, else its file, or the SLURM
+    cluster's group. Parametrised solo tests share their function's rank in LONGEST_GROUPS."""
+    solo = next((name for name in SOLO_TESTS if nodeid.startswith(name)), None)
+    if solo is not None:
+        return nodeid
     module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
     return "slurm_cluster" if module in SLURM_CLUSTER_MODULES else module
+
+
+def _rank(nodeid: str) -> int:
+    """Sort key: the LONGEST_GROUPS in order, then the other solo tests, then the rest."""
+    key = next((name for name in SOLO_TESTS if nodeid.startswith(name)), worker_group(nodeid))
+    if key in LONGEST_GROUPS:
+        return LONGEST_GROUPS.index(key)
+    return len(LONGEST_GROUPS) + (key not in SOLO_TESTS)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -33,8 +50,11 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(items):
-    first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: first.get(worker_group(item.nodeid), len(first)))
+    unlisted = [item.nodeid for item in items if item.get_closest_marker("slow")
+                and not item.nodeid.startswith(SOLO_TESTS)]
+    if unlisted:
+        raise pytest.UsageError(f"tests marked slow must be listed in conftest.SOLO_TESTS: {unlisted}")
+    items.sort(key=lambda item: _rank(item.nodeid))
 
 
 def pytest_configure(config):

@@ -118,6 +118,7 @@ def test_cli_data_whose_every_shard_is_corrupt_exits_2_naming_the_url(tmp_path):
     assert f"error: data: data.url {url}: none of the 4 shard(s)" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)   # tiny_imf took 747 s on one thread beside another xdist worker
 @pytest.mark.parametrize("config, floor", [("tiny_mf", 0.9), ("tiny_imf", 0.9)])
 def test_digits_local_run_samples_are_their_class(tmp_path, config, floor):
