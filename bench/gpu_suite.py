@@ -1,6 +1,6 @@
-"""The GPU check of the platform as one command, within a hard time budget (issue 16).
+"""The GPU check of the platform as one command, within a hard time budget.
 
-    python bench/gpu_suite.py --out gpu-report [--budget-s 480] [--cpu-smoke]
+    python bench/gpu_suite.py --out gpu-report [--budget-s 540] [--cpu-smoke]
 
 Runs each section below as a subprocess with its share of the budget: its weight out of the weights of the
 sections still to run, applied to the time left, so what one section leaves unused goes to the next. A section
@@ -10,18 +10,23 @@ that overruns is killed (its whole process group) and reported as ``timeout``, o
 rewritten after each section, and each section's full output to OUT/logs/. Exits with 1 if a section failed or
 timed out.
 
-Sections: the environment (torch, CUDA, driver, GPU; the bf16 matmul peak measured at 8192²); ``pytest -m gpu``;
-step cost (bench/step_cost.py, bf16, synthetic 32×32×4 latents, training CFG off: every registered objective and
-the peers' MF, ``+naive`` and ``+two_pass``, at B/2 batch 256 and XL/2 batch 64; ``engine.compile`` outside_jvp
-and all at B/2); JVP attention, math vs fused (bench/jvp_attention.py); evaluation throughput (1-NFE bf16
-generation of B/2, inception-v3-compat features with random weights); NCCL (a one-process group and an
-all_reduce); the async checkpoint stall at XL/2 on local disk. The environment, evaluation, NCCL and checkpoint
+Sections: the environment (torch, CUDA, driver, GPU; the bf16 matmul peak measured at 8192² and the datasheet's);
+``pytest -m gpu``; step cost (bench/step_cost.py, bf16, synthetic 32×32×4 latents, training CFG off: every
+registered objective and the peers' MF, ``+naive`` and ``+two_pass``, at B/2 batch 256 and XL/2 batch 64, but dmf
+and mf+naive, which would not fit an 80 GB GPU there, at half those batches beside fm and mf; ``engine.compile``
+outside_jvp and all at B/2; MFU against the GPU model's datasheet peak, or the measured one for a GPU the table
+lacks); JVP attention, math vs fused, and the fused kernel's Hopper path (TMA) on and off at the padded head dims,
+against math (bench/jvp_attention.py); evaluation throughput (1-NFE bf16 generation of B/2, inception-v3-compat
+features with random weights); NCCL (the platform's process group, an all_reduce on the GPU and one of float64 on
+the CPU); the async checkpoint stall at XL/2 on local disk. The environment, evaluation, NCCL and checkpoint
 sections are probes in this file (``--probe NAME``, run as subprocesses like the rest).
 
 ``--cpu-smoke`` hides the GPU and runs every section on tiny shapes (tiny configs, batch 8, one step and round,
-compiled with aot_eager) in about 90 s on 2 quiet CPU cores; tests/test_bench_smoke.py runs it, so the suite cannot
-rot between GPU loans. Its figures test the suite, not the machine. There the weights (GPU timings) would not fit:
-a smoke section costs mostly its start-up, so each may use the time left less a reserve for each one after it.
+compiled with aot_eager; the fused kernel in Triton's CPU interpreter) in about 110 s on 2 quiet CPU cores;
+step_cost_XL2_b32 is skipped there (its tiny command would be step_cost_B2_b128's), and the report says so.
+tests/test_bench_smoke.py runs it, so the suite cannot rot between GPU loans. Its figures test the suite, not the
+machine. There the weights (GPU timings) would not fit: a smoke section costs mostly its start-up, so each may use
+the time left less a reserve for each one after it.
 """
 
 from __future__ import annotations
@@ -48,11 +53,12 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from checkpoint_cost import make_engine   # bench/, this script's directory
+from jvp_attention import PIECES
 from torch_fidelity import feature_extractor_inceptionv3
 
 from meanflow.evaluation.feature_extractors import INCEPTION, load_feature_extractor
 from meanflow.evaluation.sampling import generate
-from meanflow.models import build_model, count_parameters
+from meanflow.models import count_parameters
 from meanflow.models.attention import fused_available
 from meanflow.objectives import NAMES
 from meanflow.platform.checkpoint import CheckpointStore
@@ -64,7 +70,14 @@ BENCH = REPO / "bench"
 PY = sys.executable
 # B/2 and XL/2 as on ImageNet 256: SD-VAE latents 32×32×4, 1000 classes (tiny_mf's width override dropped).
 LATENT = ["model.width=0", "model.image_size=32", "model.in_channels=4", "model.num_classes=1000"]
-OBJECTIVE_ROWS = (*NAMES, "mf+naive", "mf+two_pass")     # NAMES starts with fm, the unit of ÷ fm
+# Estimated at ~105–110 GB at B/2 batch 256 and XL/2 batch 64 (saved activations measured on a CPU, scaled): they
+# run at half the batch, with fm and mf at that batch for their ratios.
+LARGE_ROWS = ("dmf", "mf+naive")
+LARGE_ROWS_NOTE = ("dmf and mf+naive run at batch {half} here, not {full}: at {full} they are estimated at "
+                   "~105–110 GB, over an 80 GB GPU. ÷ fm is against fm at {half}.")
+OBJECTIVE_ROWS = tuple(r for r in (*NAMES, "mf+naive", "mf+two_pass") if r not in LARGE_ROWS)   # fm first: ÷ fm
+HALF_BATCH_ROWS = ("fm", "mf", *LARGE_ROWS)
+PEERS = ("mf+naive", "mf+two_pass")
 COMPILE_ROWS = ("mf", "mf+compiled", "mf+compiled_jvp")
 MIN_SECTION_S = 5.0                                      # less than this left: the section is skipped
 SMOKE_RESERVE_S = 10.0                                   # --cpu-smoke: kept for each section still to come
@@ -76,9 +89,11 @@ SMOKE_RESERVE_S = 10.0                                   # --cpu-smoke: kept for
 @dataclass(frozen=True)
 class Section:
     name: str
-    weight: float                                   # seconds out of the default 480 on a GPU
+    weight: float                                   # seconds out of the default 540 on a cold GPU machine
     command: Callable[[bool], list[str]]            # cpu_smoke -> argv
     parse: Callable[[str], dict]                    # stdout -> figures
+    note: str = ""                                  # for the reader of the report
+    smoke_skip: str = ""                            # why --cpu-smoke skips it (empty: it runs)
 
 
 def number(cell: str) -> float | None:
@@ -133,6 +148,7 @@ def parse_step_cost(stdout: str) -> dict:
     f_ms, f_tflop = re.search(r"= ([\d.]+) ms, ([\d.]+) TFLOP", stdout).groups()
     failed = re.search(r"# failed rows .*: (\S+)", stdout)
     return {"setup": stdout.splitlines()[0].lstrip("# "), "F_ms": float(f_ms), "F_tflop": float(f_tflop),
+            "mfu_peak": re.search(r"# MFU peak: (.*)", stdout)[1],
             "rows": table_rows(stdout, "row ", STEP_COLUMNS), **({"failed_rows": failed[1]} if failed else {})}
 
 
@@ -146,16 +162,37 @@ def parse_jvp_attention(stdout: str) -> dict:
             "rows": table_rows(stdout, "shape ", ("shape", "backend", "ms_per_call", "peak_mb"), text=2)}
 
 
+def jvp_attention_tma(smoke: bool) -> list[str]:
+    # The smoke: Triton's CPU interpreter (float32 only), one head and short lengths with the same paddings
+    sizes = ["--small", "--batch", "1", "--dtype", "float32"] if smoke else ["--batch", "4"]
+    return [PY, str(BENCH / "jvp_attention.py"), "--check-tma", *sizes]
+
+
+def parse_jvp_attention_tma(stdout: str) -> dict:
+    setup, tma = stdout.splitlines()[:2]
+    return {"setup": setup.lstrip("# "), "tma": tma.removeprefix("# TMA: "),
+            "rows": table_rows(stdout, "shape ", ("shape", "kernel", "tma", "status", *PIECES), text=4)}
+
+
 SECTIONS = (
-    Section("environment", 20, probe("environment"), parse_probe),
-    Section("pytest_gpu", 50, pytest_gpu, parse_pytest),
-    Section("step_cost_B2", 80, step_cost("B", 256, OBJECTIVE_ROWS), parse_step_cost),
-    Section("step_cost_XL2", 110, step_cost("XL", 64, OBJECTIVE_ROWS), parse_step_cost),
-    Section("step_cost_compile_B2", 75, step_cost("B", 256, COMPILE_ROWS), parse_step_cost),
-    Section("jvp_attention", 30, jvp_attention, parse_jvp_attention),
-    Section("eval_throughput", 40, probe("eval_throughput"), parse_probe),
-    Section("nccl", 15, probe("nccl"), parse_probe),
-    Section("checkpoint_XL2", 60, probe("checkpoint"), parse_probe),
+    Section("environment", 15, probe("environment"), parse_probe),
+    Section("pytest_gpu", 115, pytest_gpu, parse_pytest,
+            "Cold, it compiles the fused kernel's Triton specialisations first."),
+    Section("step_cost_B2", 55, step_cost("B", 256, OBJECTIVE_ROWS), parse_step_cost),
+    Section("step_cost_B2_b128", 25, step_cost("B", 128, HALF_BATCH_ROWS), parse_step_cost,
+            LARGE_ROWS_NOTE.format(half=128, full=256)),
+    Section("step_cost_XL2", 70, step_cost("XL", 64, OBJECTIVE_ROWS), parse_step_cost),
+    Section("step_cost_XL2_b32", 30, step_cost("XL", 32, HALF_BATCH_ROWS), parse_step_cost,
+            LARGE_ROWS_NOTE.format(half=32, full=64),
+            smoke_skip="--cpu-smoke: the same tiny command as step_cost_B2_b128"),
+    Section("step_cost_compile_B2", 80, step_cost("B", 256, COMPILE_ROWS), parse_step_cost),
+    Section("jvp_attention", 20, jvp_attention, parse_jvp_attention),
+    Section("jvp_attention_tma", 40, jvp_attention_tma, parse_jvp_attention_tma,
+            "The fused kernel with jvp-flash-attention's USE_TMA on (its default: TMA descriptors and warp "
+            "specialisation on sm_90+) and off, through the platform's padding, against float64 math attention."),
+    Section("eval_throughput", 30, probe("eval_throughput"), parse_probe),
+    Section("nccl", 10, probe("nccl"), parse_probe),
+    Section("checkpoint_XL2", 50, probe("checkpoint"), parse_probe),
 )
 
 
@@ -180,19 +217,22 @@ def probe_device() -> torch.device:
 
 
 def probe_environment(smoke: bool) -> dict:
+    from step_cost import datasheet_tflops, matmul_flops   # here: it imports the trainer (~3 s), others need not
+
     device = probe_device()
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    s = seconds_per_call(lambda: a @ b, device, repeats=20, warmup=3)
     smi = shutil.which("nvidia-smi")
     driver = smi and subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
                                     capture_output=True, text=True).stdout.split("\n")[0]
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver or None,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    datasheet = datasheet_tflops(name) if device.type == "cuda" else None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver or None, "device": name,
             "gpus": torch.cuda.device_count(), "cpus": os.cpu_count(),
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
             "fused_jvp_attention": fused_available(),
-            "matmul": f"{n}x{n} {str(dtype).removeprefix('torch.')}", "matmul_tflops": 2 * n**3 / s / 1e12}
+            "matmul": f"{n}x{n} {str(dtype).removeprefix('torch.')}",
+            "matmul_tflops": matmul_flops(device, n, dtype) / 1e12,
+            "datasheet_bf16_tflops": datasheet and datasheet[1]}
 
 
 def save_random_inception(path: Path) -> None:
@@ -210,11 +250,13 @@ def probe_eval_throughput(smoke: bool) -> dict:
     """bench/eval_throughput.py takes its shapes from an embedded dataset and generates in fp32, so the B/2 latent
     case is put together here from the same parts: ``generate`` (bf16 autocast) and ``load_feature_extractor``.
     Features are of 256×256 RGB uint8 images, what B/2's latents decode to (the VAE decode is not timed)."""
+    from step_cost import build_on   # here: it imports the trainer (~3 s), others need not
+
     device = probe_device()
     m = load_config("tiny_mf", [] if smoke else ["model.size=B", *LATENT]).model
     num, batch, side, repeats = (8, 8, 32, 1) if smoke else (4096, 256, 256, 2)
     torch.manual_seed(0)
-    model = build_model(m).to(device)
+    model = build_on(device, m)
     shape = (m.in_channels, m.image_size, m.image_size)
 
     def sample_all():
@@ -235,20 +277,22 @@ def probe_eval_throughput(smoke: bool) -> dict:
 
 
 def probe_nccl(smoke: bool) -> dict:
-    """The platform's own process-group start (init_distributed, one process on a loopback port) and an
-    all_reduce; without a GPU the same with gloo."""
+    """The platform's own process-group start (init_distributed, one process on a loopback port), an all_reduce
+    on the device and one of float64 on the CPU (the evaluation's feature sums); without a GPU both with gloo."""
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     start = time.perf_counter()
     init_distributed(DistEnv(), device, timeout_s=60, required=True)
     init_s = time.perf_counter() - start
-    x = torch.full((1 << 20,), 2.0, device=device)
-    dist.all_reduce(x)
-    if x.sum().item() != 2.0 * (1 << 20):
-        raise RuntimeError(f"all_reduce over one process changed its input: sum {x.sum().item()}")
-    backend = dist.get_backend()
+    for x in (torch.full((1 << 20,), 2.0, device=device), torch.full((1 << 10,), 2.0, dtype=torch.float64)):
+        dist.all_reduce(x)
+        if x.sum().item() != 2.0 * len(x):
+            raise RuntimeError(f"all_reduce over one process changed its input: sum {x.sum().item()}")
+    # A CUDA task's group has a backend per device: get_backend() is then "cpu:gloo,cuda:nccl", not "nccl".
+    backend, backends = dist.get_backend(), dict(pair.split(":") for pair in dist.get_backend_config().split(","))
     shutdown()
-    return {"backend": backend, "init_s": init_s, "all_reduce": "ok (1 process, 4 MB)",
-            "nccl": "tried" if backend == "nccl" else
+    return {"backend": backend, "init_s": init_s,
+            "all_reduce": f"ok (1 process: 4 MB on {device.type}, 8 KB float64 on cpu)",
+            "nccl": "tried" if device.type == "cuda" and backends.get("cuda") == "nccl" else
             f"not tried ({'--cpu-smoke' if smoke else 'no CUDA'}): the same check with gloo"}
 
 
@@ -315,8 +359,14 @@ def run_suite(smoke: bool, out: Path, budget_s: float) -> dict[str, dict]:
         left = start + budget_s - time.monotonic()
         share = (left - SMOKE_RESERVE_S * (len(SECTIONS) - i - 1) if smoke else
                  left * section.weight / sum(s.weight for s in SECTIONS[i:]))
-        result = (run_section(section, smoke, out, share) if share >= MIN_SECTION_S else
-                  {"status": "skipped", "seconds": 0.0, "error": "the budget was spent"})
+        if smoke and section.smoke_skip:
+            result = {"status": "skipped", "seconds": 0.0, "error": section.smoke_skip}
+        elif share >= MIN_SECTION_S:
+            result = run_section(section, smoke, out, share)
+        else:
+            result = {"status": "skipped", "seconds": 0.0, "error": "the budget was spent"}
+        if section.note:
+            result["note"] = section.note
         results[section.name] = result
         print(f"{section.name:<22}{result['status']:<9}{result['seconds']:>7.1f} s", flush=True)
         write_outputs(results, out, smoke, budget_s, time.monotonic() - start)
@@ -334,17 +384,18 @@ def cell(value) -> str:
 
 
 def goals(results: dict[str, dict]) -> list[str]:
-    """Issue 16's goals, where the figures exist: MF/FM ≤ 1.25 at B/2; mf ≥ 1.5× faster than the faster peer
-    at XL/2; fm's MFU ≥ 40% at XL/2."""
+    """The step-cost goals, where the figures exist: MF/FM ≤ 1.25 at B/2; mf ≥ 1.5× faster than the faster peer
+    at XL/2 (each peer against mf at its own batch); fm's MFU ≥ 40% at XL/2."""
     rows = {name: {r["row"]: r for r in results.get(name, {}).get("figures", {}).get("rows", [])}
-            for name in ("step_cost_B2", "step_cost_XL2")}
+            for name in ("step_cost_B2", "step_cost_XL2", "step_cost_XL2_b32")}
     b2, xl2 = rows["step_cost_B2"], rows["step_cost_XL2"]
     lines = []
     if "mf" in b2 and "fm" in b2:
         lines.append(f"- MF ÷ FM at B/2: {cell(b2['mf']['x_fm'])} (goal ≤ 1.25)")
-    peers = [xl2[p]["ms_per_step"] for p in ("mf+naive", "mf+two_pass") if p in xl2]
-    if "mf" in xl2 and peers:
-        lines.append(f"- faster peer ÷ mf at XL/2: {cell(min(peers) / xl2['mf']['ms_per_step'])} (goal ≥ 1.5)")
+    peers = [r[p]["ms_per_step"] / r["mf"]["ms_per_step"] for r in (xl2, rows["step_cost_XL2_b32"]) if "mf" in r
+             for p in PEERS if p in r]
+    if peers:
+        lines.append(f"- faster peer ÷ mf at XL/2: {cell(min(peers))} (goal ≥ 1.5; mf+naive at batch 32)")
     if xl2.get("fm", {}).get("mfu") is not None:
         lines.append(f"- fm MFU at XL/2: {xl2['fm']['mfu']:.0%} (goal ≥ 40%)")
     return lines
@@ -371,9 +422,10 @@ def write_outputs(results: dict[str, dict], out: Path, smoke: bool, budget_s: fl
              "| section | status | s | limit s |", "|---|---|---:|---:|"]
     lines += [f"| {name} | {r['status']} | {r['seconds']:.1f} | {cell(r.get('limit_s'))} |"
               for name, r in results.items()]
-    lines += ["", "## Goals (issue 16)", "", *(goals(results) or ["- no step-cost figures"])]
+    lines += ["", "## Goals", "", *(goals(results) or ["- no step-cost figures"])]
     for name, r in results.items():
         lines += ["", f"## {name}", ""] + ([f"`{r['command']}`", ""] if "command" in r else [])
+        lines += [r["note"], ""] if r.get("note") else []
         for key, value in r.get("figures", {}).items():
             lines += markdown_table(value) if key == "rows" else [f"- {key}: {cell(value)}"]
         if r["status"] != "ok":
@@ -385,7 +437,7 @@ def write_outputs(results: dict[str, dict], out: Path, smoke: bool, budget_s: fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, help="directory for report.md, results.json and logs/ (required)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="hard limit on the whole suite's wall time")
+    p.add_argument("--budget-s", type=float, default=540.0, help="hard limit on the whole suite's wall time")
     p.add_argument("--cpu-smoke", action="store_true", help="every section on tiny shapes on the CPU (< 2 min)")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)   # one section of this file, in its process
     args = p.parse_args()

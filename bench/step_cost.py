@@ -17,9 +17,11 @@ On a CPU every row is built first, then timed in ``--rounds`` interleaved rounds
 shown), so that the machine's noise hits every row alike; on a GPU one row at a time (memory), each printed as
 soon as it is measured. Prints ms/step, ratio to fm, the FLOP floor in forward-equivalents F (F measured: one
 no-grad forward of the batch) and ÷ floor, the activations autograd keeps for the backward (one step, measured with
-saved-tensor hooks), on CUDA the peak memory, the model TFLOP/s of the floor and MFU. ``--synthetic``: random data
-of the model's shape (latent models, B/2 and XL/2 on a GPU; bench/gpu_suite.py runs both). Figures go to
-bench/RESULTS.md by hand, with the machine they came from.
+saved-tensor hooks), on CUDA the peak memory, the model TFLOP/s of the floor and MFU (against the GPU model's
+datasheet bf16 peak, or the measured matmul peak for a GPU the table lacks; the ``# MFU peak`` line says which).
+Models are built on the device they are timed on. ``--synthetic``: random data of the model's shape (latent
+models, B/2 and XL/2 on a GPU; bench/gpu_suite.py runs both). Figures go to bench/RESULTS.md by hand, with the
+machine they came from.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from meanflow.platform.engines import build_engine
 OBJECTIVES = ("fm", "mf", "mf+all", "mf+naive", "mf+two_pass", "imf", "imf+all", "sg_lambda", "stability",
               "tangent_beta", "alphaflow", "split_mf", "dmf")
 VARIANTS = ("all", "naive", "two_pass", "math", "compiled", "compiled_jvp", "ckpt")
-# Dense bf16 peak (no sparsity) for MFU; other devices print no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Datasheet dense bf16 peak (no sparsity) in TFLOP/s for MFU, by a part of torch.cuda.get_device_name(); the first
+# part found wins, so the H100's three models (SXM "80GB HBM3", PCIe, NVL) each get their own. A GPU named
+# otherwise is measured instead (matmul_flops).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100 80GB HBM3", 989), ("H100 SXM", 989),
+                    ("H200 NVL", 835), ("H200", 989), ("A100", 312))
 
 
 def configure(cfg, row: str) -> tuple[str, set[str]]:
@@ -149,7 +154,7 @@ class Row:
         peer = self.variants & set(PEER_LOSS_FNS)
         self.peer_loss = PEER_LOSS_FNS[peer.pop()] if peer else None   # MF as a peer writes it, not the objective
         torch.manual_seed(0)
-        self.engine = build_engine(cfg.engine, cfg.optim, lambda: build_model(cfg.model), device, world_size=1)
+        self.engine = build_engine(cfg.engine, cfg.optim, lambda: build_on(device, cfg.model), device, world_size=1)
         self.objective = build_objective(cfg.objective, cfg.model.num_classes)
         self.ctx = ObjectiveContext.single_process(cfg.data.global_batch, cfg.run.seed,
                                                    ema_model=self.engine.ema_model)
@@ -197,7 +202,7 @@ def forward_cost(cfg, device, synthetic: bool, repeats: int = 10) -> tuple[float
     """F: one no-grad forward of the model over the global batch, in ms and in FLOPs (unit of the floors)."""
     set_block_execution("none")
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
+    model = build_on(device, cfg.model)
     batch = make_batches(cfg, 1, device, synthetic)[0]
     x, y = batch["x"], batch.get("y")
     t = torch.rand(len(x), device=device)
@@ -254,11 +259,41 @@ def floor_in_forwards(cfg, name: str, variants: set[str]) -> float:
     return floor + (3.0 if name == "stability" else 0.0)
 
 
-def peak_flops(device) -> float | None:
+def datasheet_tflops(gpu_name: str) -> tuple[str, float] | None:
+    """(the table's name part, dense bf16 TFLOP/s) of a GPU named ``gpu_name``, or None if the table lacks it."""
+    return next(((part, tflops) for part, tflops in PEAK_BF16_TFLOPS if part in gpu_name), None)
+
+
+def matmul_flops(device, n: int = 8192, dtype=torch.bfloat16, repeats: int = 20) -> float:
+    """FLOP/s of an n×n matmul measured on ``device`` (after 3 warm-up calls)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for i in range(repeats + 3):
+        if i == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def mfu_peak(device) -> tuple[float | None, str]:
+    """(FLOP/s that MFU divides by, where it comes from): the datasheet's figure for this GPU model, else the bf16
+    matmul peak measured here (MFU then says how much of what this GPU reaches, not of its datasheet)."""
     if device.type != "cuda":
-        return None
+        return None, "none on a CPU (no MFU)"
     gpu = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in gpu), None)
+    if known := datasheet_tflops(gpu):
+        return known[1] * 1e12, f"{known[1]} TFLOP/s dense bf16, datasheet of {known[0]} ({gpu})"
+    flops = matmul_flops(device)
+    return flops, f"{flops / 1e12:.0f} TFLOP/s measured (bf16 matmul 8192²): {gpu} is not in the datasheet table"
+
+
+def build_on(device, model_cfg) -> torch.nn.Module:
+    """The model with every tensor created on ``device`` (XL/2's initialisation takes ~7 s on a CPU)."""
+    with torch.device(device):
+        return build_model(model_cfg)
 
 
 def main() -> None:
@@ -277,7 +312,7 @@ def main() -> None:
     device = resolve_device(base.engine.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# {args.config}: {base.model.family}/{base.model.size} "
-          f"{count_parameters(build_model(base.model)) / 1e6:.2f}M params, global batch {base.data.global_batch}, "
+          f"{count_parameters(build_on('meta', base.model)) / 1e6:.2f}M params, global batch {base.data.global_batch}, "
           f"{base.engine.precision}, device {device} ({where}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     make_row = lambda row: Row(load_config(args.config, args.overrides), row, args.steps, args.warmup, device,
@@ -304,9 +339,10 @@ def main() -> None:
         return row
 
     f_ms, f_flops = forward_cost(base, device, args.synthetic)
-    peak = peak_flops(device)
+    peak, peak_source = mfu_peak(device)
     print(f"F (one no-grad forward of the batch) = {f_ms:.1f} ms, {f_flops / 1e12:.4f} TFLOP; median of {args.rounds} "
           f"rounds of {args.steps} steps")
+    print(f"# MFU peak: {peak_source}")
     print(f"{'row':<20}{'ms/step':>9}{'÷ fm':>7}{'floor F':>8}{'floor ms':>9}{'÷ floor':>8}{'saved MB':>10}"
           f"{'peak MB':>9}{'TFLOP/s':>9}{'MFU':>6}", flush=True)
 

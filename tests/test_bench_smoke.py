@@ -1,4 +1,5 @@
-"""The issue-8 benchmarks still run (one short pass each; their figures are in bench/RESULTS.md, not asserted)."""
+"""The benchmarks still run (one short pass each; their figures are in bench/RESULTS.md, not asserted), and the
+step-cost benchmark's MFU peak and model building."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from meanflow.platform.config import load_config
 pytestmark = pytest.mark.timeout(240)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-GPU_SUITE_SECTIONS = {"environment", "pytest_gpu", "step_cost_B2", "step_cost_XL2", "step_cost_compile_B2",
-                      "jvp_attention", "eval_throughput", "nccl", "checkpoint_XL2"}
+GPU_SUITE_SECTIONS = {"environment", "pytest_gpu", "step_cost_B2", "step_cost_B2_b128", "step_cost_XL2",
+                      "step_cost_XL2_b32", "step_cost_compile_B2", "jvp_attention", "jvp_attention_tma",
+                      "eval_throughput", "nccl", "checkpoint_XL2"}
+LATENT_XL = ["model.size=XL", "model.width=0", "model.image_size=32", "model.in_channels=4", "model.num_classes=1000"]
 
 
 def run_bench(script: str, *args: str) -> list[list[str]]:
@@ -82,12 +85,49 @@ def test_gpu_suite_cpu_smoke_runs_and_reports_every_section(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert all(f"## {name}\n" in report for name in GPU_SUITE_SECTIONS)
-    rows = {r["row"]: r for r in sections["step_cost_B2"]["figures"]["rows"]}
-    assert {"fm", "mf", "mf+naive", "mf+two_pass"} <= set(rows)
-    for name in ("step_cost_B2", "step_cost_XL2", "step_cost_compile_B2"):
-        for row in sections[name]["figures"]["rows"]:
+    rows = {name: {r["row"]: r for r in sections[name]["figures"]["rows"]}
+            for name in ("step_cost_B2", "step_cost_B2_b128", "step_cost_XL2", "step_cost_compile_B2")}
+    # dmf and mf+naive would not fit an 80 GB GPU at the full batch: they run at half of it, beside fm and mf
+    assert {"fm", "mf", "mf+two_pass"} <= set(rows["step_cost_B2"]) and not {"dmf", "mf+naive"} & set(
+        rows["step_cost_B2"])
+    assert set(rows["step_cost_B2_b128"]) == {"fm", "mf", "dmf", "mf+naive"}
+    assert "batch 128 here, not 256" in report and sections["step_cost_B2_b128"]["note"] in report
+    assert sections["step_cost_XL2_b32"]["status"] == "skipped"   # in the smoke, the same command as B2_b128's
+    for name, table in rows.items():
+        for row in table.values():
             figures = [row[k] for k in ("ms_per_step", "floor_F", "floor_ms", "x_floor", "saved_mb", "tflops")]
             assert all(v is not None and math.isfinite(v) for v in figures), (name, row)
+    # the fused kernel with TMA on and off at the padded head dims (the interpreter: no TMA, both the same kernel)
+    tma = sections["jvp_attention_tma"]["figures"]
+    assert {(r["shape"], r["kernel"], r["tma"], r["status"]) for r in tma["rows"]} >= {
+        ("XL/2", "64x128", "on", "pass"), ("XL/2", "64x128", "off", "pass"), ("iMF-XL/2", "96x128", "on", "pass"),
+        ("iMF-XL/2", "96x128", "off", "pass")}
+    assert tma["tma"].startswith("not available here")
+    assert sections["nccl"]["figures"]["backend"] == "gloo"
+
+
+def test_mfu_divides_by_the_gpu_models_datasheet_peak_or_else_by_the_measured_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import step_cost
+
+    monkeypatch.setattr(step_cost, "matmul_flops", lambda device: 500e12)   # a measurement, stubbed: no GPU here
+    peaks = {}
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA RTX 6000"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        peaks[name] = step_cost.mfu_peak(torch.device("cuda", 0))
+    assert [flops / 1e12 for flops, _ in peaks.values()] == [989, 756, 835, 989, 500]
+    assert "measured" in peaks["NVIDIA RTX 6000"][1] and "not in the datasheet table" in peaks["NVIDIA RTX 6000"][1]
+    assert step_cost.mfu_peak(torch.device("cpu"))[0] is None
+
+
+def test_step_cost_builds_xl2_with_every_tensor_on_the_timed_device(monkeypatch):
+    """The meta device stands in for the GPU: a tensor made elsewhere (XL/2's ~7 s CPU initialisation) stays off it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import step_cost
+
+    for overrides in ([], ["model.conditioning=decoupled"]):
+        model = step_cost.build_on(torch.device("meta"), load_config("tiny_mf", [*LATENT_XL, *overrides]).model)
+        assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
 
 
 def test_scaling_estimate_covers_8_64_256_gpus_for_each_engine():

@@ -1,7 +1,7 @@
 """What a task of a GPU job sets up before its first collective, without a GPU: the torchrun variables from SLURM's
 (submitit), the collectives' variables (NCCL/gloo interface, NCCL's teardown on a timed-out collective), one task
-per GPU (LOCAL_RANK → cuda:LOCAL_RANK), the NCCL backend. NCCL and CUDA cannot run here: where a test needs them,
-torch.cuda and init_process_group are replaced, and the test says so."""
+per GPU (LOCAL_RANK → cuda:LOCAL_RANK), the NCCL backend (gloo beside it for CPU tensors). NCCL and CUDA cannot
+run here: where a test needs them, torch.cuda and init_process_group are replaced, and the test says so."""
 
 from __future__ import annotations
 
@@ -93,13 +93,13 @@ def test_without_a_gpu_auto_is_the_cpu():
     assert task_device("auto", 5) == torch.device("cpu")
 
 
-def test_a_gpu_task_starts_nccl_on_its_own_device_with_the_configured_timeout(eight_gpus, monkeypatch):
-    """init_process_group and set_device are recorded, not run: NCCL needs GPUs."""
+def test_a_gpu_task_starts_nccl_and_gloo_on_its_own_device_with_the_configured_timeout(eight_gpus, monkeypatch):
+    """init_process_group and set_device are recorded, not run: NCCL needs GPUs. Gloo serves the CPU tensors."""
     calls = {}
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
     monkeypatch.setattr(distributed.os, "environ", {"MASTER_ADDR": "gpu-07", "MASTER_PORT": "29500"})
     init_distributed(DistEnv(rank=11, world_size=16, local_rank=3), task_device("auto", 3), timeout_s=90)
-    assert calls == {"device": torch.device("cuda", 3), "backend": "nccl", "rank": 11, "world_size": 16,
+    assert calls == {"device": torch.device("cuda", 3), "backend": "cpu:gloo,cuda:nccl", "rank": 11, "world_size": 16,
                      "timeout": datetime.timedelta(seconds=90)}

@@ -18,6 +18,9 @@ from meanflow.platform.storage import filesystem, is_local
 from .manifest import IMF_CHANNEL_MEAN, IMF_CHANNEL_STD, MF_SCALE_FACTOR
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Latents per decoder call. The decoder's activations at full resolution grow with the batch (its last blocks hold
+# 128 channels at 256² per image), so an evaluation batch of 256 latents in one call would not fit a GPU.
+DECODE_CHUNK = 32
 
 
 @dataclass
@@ -70,6 +73,14 @@ def encode_moments(vae: LoadedVAE, images_uint8: np.ndarray, device) -> np.ndarr
         dist = vae.model.encode(view).latent_dist
         out.append(torch.stack([dist.mean, dist.std], dim=1))   # (B, 2, C, h, w)
     return torch.stack(out, dim=1).float().cpu().numpy()
+
+
+@torch.no_grad()
+def decode_latents(vae: LoadedVAE, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """VAE latents (B, C_lat, h, w) -> images (B, C, H, W), decoded ``chunk`` latents at a time."""
+    if chunk < 1:
+        raise ValueError(f"decode chunk: {chunk}, expected at least 1 latent per call")
+    return torch.cat([vae.model.decode(part).sample for part in latents.split(chunk)])
 
 
 def normalization_block(vae: LoadedVAE) -> dict:

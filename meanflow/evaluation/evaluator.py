@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from meanflow.data_pipeline import TOY_NAMES
+from meanflow.data_pipeline.records import latent_normalization
+from meanflow.data_pipeline.vae import DECODE_CHUNK, decode_latents, load_vae
 from meanflow.objectives import guidance_conditions
 from meanflow.platform.distributed import all_gather_objects
 
@@ -61,12 +63,10 @@ def describe_data(data_cfg, seed: int) -> EvalData:
 
 
 class LatentDecoder:
-    """Normalised latents -> images in [-1, 1] through the VAE the shards were encoded with (``eval.vae``)."""
+    """Normalised latents -> images in [-1, 1] through the VAE the shards were encoded with (``eval.vae``),
+    ``chunk`` latents per decoder call."""
 
-    def __init__(self, vae_url: str, manifest: dict, latent_norm: str, device):
-        from meanflow.data_pipeline.records import latent_normalization
-        from meanflow.data_pipeline.vae import load_vae
-
+    def __init__(self, vae_url: str, manifest: dict, latent_norm: str, device, chunk: int = DECODE_CHUNK):
         if not vae_url:
             raise FileNotFoundError("eval.vae: not set; a latent model's samples are decoded through the VAE its "
                                     "shards were encoded with (a diffusers AutoencoderKL directory, local or s3://)")
@@ -77,10 +77,10 @@ class LatentDecoder:
                              f"{self.vae.weights_sha256[:12]}…, manifest {expected[:12]}…)")
         shift, scale = latent_normalization(manifest, latent_norm)
         self.shift, self.scale = shift.to(device), scale.to(device)
+        self.chunk = chunk
 
-    @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.model.decode(latents / self.scale + self.shift).sample.float()
+        return decode_latents(self.vae, latents / self.scale + self.shift, self.chunk).float()
 
 
 def guidance_settings(model_cfg, eval_cfg) -> list[dict | None]:

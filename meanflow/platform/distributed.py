@@ -112,13 +112,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The default group's backend for a task on ``device``. On GPU, NCCL serves CUDA tensors and gloo CPU ones:
+    an NCCL-only group refuses CPU tensors ("No backend type associated with device type cpu"), and the
+    evaluation all-reduces its float64 feature sums on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, required: bool = False) -> None:
-    """Start the default process group (NCCL on GPU, gloo on CPU) with a bounded timeout, so a lost peer fails
-    the job in ``timeout_s`` instead of gloo's default 30 minutes. ``required``: sharded engines need a group even
-    alone (a one-process group on a loopback port when no launcher set the environment)."""
+    """Start the default process group (``process_group_backend``: NCCL and gloo on GPU, gloo on CPU) with a
+    bounded timeout, so a lost peer fails the job in ``timeout_s`` instead of gloo's default 30 minutes.
+    ``required``: sharded engines need a group even alone (a one-process group on a loopback port when no launcher
+    set the environment)."""
     if dist.is_initialized() or not (env.distributed or required):
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
