@@ -60,8 +60,10 @@ def test_two_ranks_match_one_process(engine, objective, single_runs, tmp_path):
     # Tolerance: the same sums in another order (per-rank means, then an all-reduce) differ in the last bits.
     torch.testing.assert_close(losses(tmp_path), losses(single_runs[objective]), rtol=1e-5, atol=1e-6)
     reference = model_state(single_runs[objective], 5)
+    # atol: AdamW divides by √v, so a weight whose gradient is near zero moves by up to lr = 1e-3 per step on
+    # last-bit noise of the summation order (seen 5e-6 on iMF's first MLP); a wrong gradient moves it by ~lr.
     for key, value in model_state(tmp_path, 5).items():
-        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
 @pytest.mark.parametrize("engine,async_save", [("ddp", False), ("fsdp2", True), ("deepspeed", False)])
