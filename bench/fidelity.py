@@ -390,7 +390,7 @@ def stability_section(results, plots) -> list[str]:
         lines += [verdict(lower(1.2 * sw1[small], sw1[large], margin=0.0),
                           f"SW1 {sw1[small]:.3f} ({small}) against {sw1[large]:.3f} ({large}) (claim: quality "
                           "collapses at large μ; 'reproduced' = ≥ 1.2× worse)."), ""]
-    return lines + ["With an absolute δ = 0.01 the penalty is ~1e-4 × (ratio − 1)² (Stable MeanFlow's term): compare the "
+    return lines + ["With an absolute δ = 0.01 the penalty is ~1e-4 × (ratio − 1)² (Stable MF's term): compare the "
                     "rows at δ = 0.01 with μ = 0 to see whether the term did anything at all.",
                     "", "![stability](fidelity/stability_jvp.png)"]
 

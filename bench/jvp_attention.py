@@ -5,8 +5,8 @@
 
 One call = primal and tangent forward (the MF JVP) + backward of the primal, at the attention shapes of DiT-B/2
 and DiT-XL/2 on 32×32×4 latents (256 tokens; heads × head dim 12 × 64 and 16 × 72) and of iMF-XL/2 (276 tokens:
-a 20-token condition prefix, 16 × 64). Prints ms per call, peak memory (CUDA) and the fused ÷ math ratios. The fused kernel
-needs a GPU (Triton's CPU interpreter is for correctness only); on a CPU only math is timed.
+a 20-token condition prefix, 16 × 64). Prints ms per call, peak memory (CUDA) and the fused ÷ math ratios. The fused
+kernel needs a GPU (Triton's CPU interpreter is for correctness only); on a CPU only math is timed.
 
 ``--check-tma`` runs the fused kernel at the same shapes with the package's Hopper path (TMA descriptors and
 warp specialisation, its default on sm_90+) on and off (its ``USE_TMA`` switch), XL/2 and iMF-XL/2 through the

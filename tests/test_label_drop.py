@@ -1,6 +1,6 @@
 """Which rows lose their label: the official layout (Bin(B, p) rows, the first ones of the r = t set, as both
-official codes drop the first rows of a batch whose r = t rows come first) by default, an independent draw per row on request; and MF's training CFG
-skips the conditional forward that κ = 0 weighs by zero."""
+official codes drop the first rows of a batch whose r = t rows come first) by default, an independent draw per
+row on request; and MF's training CFG skips the conditional forward that κ = 0 weighs by zero."""
 
 from __future__ import annotations
 
