@@ -108,7 +108,9 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def random_inception(tmp_path_factory):
     """torch-fidelity's inception-v3-compat with random weights, saved to a file. Building it normally downloads the
-    real weights (no network here), so its loading is stubbed for this one construction only."""
+    real weights (no network here), so its loading is stubbed for this one construction only. The convolutions are
+    He-initialised: under the default init the features shrink to ~1e-6 over 90-odd layers, and evaluation refuses
+    such near-constant features."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
     from meanflow.evaluation.feature_extractors import INCEPTION
@@ -121,6 +123,9 @@ def random_inception(tmp_path_factory):
         net = fe.FeatureExtractorInceptionV3(INCEPTION, ["2048", "logits_unbiased"])
     finally:
         fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = real_from_url, real_load
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path = tmp_path_factory.mktemp("weights") / "inception-random.pth"
     torch.save(net.state_dict(), path)
     return path, net

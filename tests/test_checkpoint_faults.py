@@ -7,6 +7,8 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import torch
 
 from meanflow.jobs.train import Trainer
 from meanflow.platform import checkpoint
-from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
+from meanflow.platform.checkpoint import CheckpointError, CheckpointStore, Verdict
 from meanflow.platform.config import load_config
 from meanflow.platform.storage import write_bytes_atomic
 
@@ -78,9 +80,9 @@ def test_corrupted_file_falls_back_to_the_previous_commit(tmp_path):
     data[len(data) // 2] ^= 0xFF                               # same size: only the checksum can tell
     damaged.write_bytes(bytes(data))
     assert store.latest() == 20
-    with pytest.raises(CheckpointError, match="optimizer.pt: sha256 differs"):
+    with pytest.raises(CheckpointError, match="step-00000020 is damaged: optimizer.pt: sha256 mismatch"):
         store.load(20, trainer.engine)
-    with pytest.warns(UserWarning, match="step 20 is damaged"):
+    with pytest.warns(UserWarning, match=r"step-00000020 is damaged \(optimizer.pt: sha256 mismatch\)"):
         step, train_state, _ = store.load_latest(trainer.engine)
     assert step == 15 and train_state["step"] == 15
 
@@ -150,7 +152,7 @@ def test_a_damaged_newest_commit_record_resumes_from_the_previous_step(damage, t
     record = tmp_path / "checkpoints" / "step-00000020" / "COMMIT.json"
     record.write_bytes(record.read_bytes()[:len(record.read_bytes()) // 2] if damage == "truncated" else b"")
     out = io.StringIO()
-    with pytest.warns(UserWarning, match="step 20 is not committed: .*COMMIT.json is damaged"):
+    with pytest.warns(UserWarning, match=r"step-00000020 is damaged \(COMMIT.json: \d+ bytes, not a commit record\)"):
         Trainer(load_config("toy2d_mf", toy_overrides(tmp_path)), stdout=out).run()
     assert "at step 15" in out.getvalue()
     assert CheckpointStore(str(tmp_path / "checkpoints")).latest() == 20   # committed again by the resumed run
@@ -301,3 +303,97 @@ def test_after_a_resume_every_step_has_one_metrics_record(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == list(range(1, 21))
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [10, 12, 20]   # events: history
+
+
+# ------------------------------------------------------------------------------------------------ damaged steps
+def flip_a_byte(step_dir: Path) -> None:
+    data = bytearray((step_dir / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF                               # same size: only the checksum can tell
+    (step_dir / "model.pt").write_bytes(bytes(data))
+
+
+def wrong_sha256_in_commit(step_dir: Path) -> None:
+    record = json.loads((step_dir / "COMMIT.json").read_text())
+    record["files"]["ema.pt"]["sha256"] = "0" * 64
+    (step_dir / "COMMIT.json").write_text(json.dumps(record))
+
+
+def truncate_optimizer(step_dir: Path) -> None:
+    (step_dir / "optimizer.pt").write_bytes((step_dir / "optimizer.pt").read_bytes()[:12])
+
+
+def keep_only_commit(step_dir: Path) -> None:
+    for path in step_dir.iterdir():
+        if path.name != "COMMIT.json":
+            path.unlink()
+
+
+def delete_ema(step_dir: Path) -> None:
+    (step_dir / "ema.pt").unlink()
+
+
+# each damage, and how the warning and the event name it
+DAMAGES = {"flipped-byte": (flip_a_byte, r"model.pt: sha256 mismatch"),
+           "wrong-sha256": (wrong_sha256_in_commit, r"ema.pt: sha256 mismatch"),
+           "truncated": (truncate_optimizer, r"optimizer.pt: 12 bytes, COMMIT.json says \d+"),
+           "only-commit": (keep_only_commit, r"model.pt missing; optimizer.pt missing; ema.pt missing; 1 more"),
+           "no-ema": (delete_ema, r"ema.pt missing")}
+
+
+def quick_overrides(run_dir) -> list[str]:
+    return [f"run.run_dir={run_dir}", "run.steps=6", "run.log_every=2", "checkpoint.every=2", "eval.at_end=false",
+            "data.global_batch=32"]
+
+
+@pytest.fixture(scope="module")
+def trained_to_6(tmp_path_factory):
+    """A run committed at 2, 4 and 6, copied by each test that damages it."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    Trainer(load_config("toy2d_mf", quick_overrides(run_dir)), stdout=io.StringIO()).run()
+    return run_dir
+
+
+def damaged_copy(trained_to_6, tmp_path, damage: str) -> Path:
+    shutil.copytree(trained_to_6, tmp_path, dirs_exist_ok=True)
+    DAMAGES[damage][0](tmp_path / "checkpoints" / "step-00000006")
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_step_is_resumed_before_and_saved_anew(damage, trained_to_6, tmp_path):
+    run_dir, named = damaged_copy(trained_to_6, tmp_path, damage), DAMAGES[damage][1]
+    out = io.StringIO()
+    trainer = Trainer(load_config("toy2d_mf", quick_overrides(run_dir)), stdout=out)
+    with pytest.warns(UserWarning, match=rf"checkpoints/step-00000006 is damaged \({named}\)"):
+        trainer.run()                                 # returns: the run ends with exit 0
+    assert "at step 4" in out.getvalue()
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    assert store.verdict(6).intact and store.steps() == [2, 4, 6]
+    assert store.load(6, trainer.engine)[0]["step"] == 6    # every sha256 of the new commit verifies
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    [event] = [r for r in records if r.get("event") == "checkpoint_damaged"]
+    assert event["step"] == 6 and re.fullmatch(named, event["reason"])
+
+
+def test_resume_sets_a_damaged_step_aside_and_retention_removes_it(trained_to_6, tmp_path):
+    step_dir = damaged_copy(trained_to_6, tmp_path, "no-ema") / "checkpoints" / "step-00000006"
+    engine, store = toy_engine(tmp_path / "engine"), CheckpointStore(str(tmp_path / "checkpoints"), keep_last=3)
+    with pytest.warns(UserWarning, match=r"step-00000006 set aside: its COMMIT.json is now DAMAGED.json"):
+        assert store.load_latest(engine)[0] == 4
+    assert not (step_dir / "COMMIT.json").exists() and (step_dir / "model.pt").exists()   # kept for inspection
+    assert json.loads((step_dir / "DAMAGED.json").read_text())["damage"] == "ema.pt missing"
+    assert CheckpointStore(str(tmp_path / "checkpoints")).scan().damaged == {
+        6: Verdict(damage="set aside: ema.pt missing", set_aside=True)}
+    store.save(8, engine, {"step": 8}, {})
+    store.close()
+    assert store.steps() == [2, 4, 8] and not step_dir.exists()   # an old step that is no commit
+
+
+def test_a_damaged_step_is_reported_once_per_store(trained_to_6, tmp_path):
+    damaged_copy(trained_to_6, tmp_path, "truncated")
+    store = CheckpointStore(str(tmp_path / "checkpoints"), rank=0)
+    with pytest.warns(UserWarning, match="optimizer.pt: 12 bytes"):
+        store.scan()
+    store.scan()
+    assert [step for step, _ in store.take_damage_reports()] == [6] and store.take_damage_reports() == []
+    assert CheckpointStore(str(tmp_path / "checkpoints"), rank=1).take_damage_reports() == []

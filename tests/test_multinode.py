@@ -24,6 +24,9 @@ from test_slurm import read_lines, squeue_state, wait_done
 
 from meanflow.jobs.evaluate import evaluate_steps
 from meanflow.jobs.submit import main as submit
+from meanflow.platform.run_lease import RunLease
+
+SLURM_SH = Path(__file__).parent / "services" / "slurm.sh"
 
 BRIDGE = "mf-br0"
 
@@ -257,3 +260,80 @@ def test_an_evaluation_job_over_two_hosts_scores_as_one_process_does(store, tmp_
     one = evaluate_steps(run_dir, [2], overrides=["eval.num_samples=64"], force=True)[0]
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["fid"] > 0
+
+
+def drill(*args: str) -> None:
+    """A drill of tests/services/slurm.sh on the hosts (cut-links, heal-links, lose-host, revive-host)."""
+    subprocess.run(["bash", str(SLURM_SH), *args], check=True, timeout=60)
+
+
+def status_of(run_dir: str, capsys) -> str:
+    capsys.readouterr()
+    assert submit(["status", "--run-dir", run_dir]) == 0
+    return capsys.readouterr().out
+
+
+def wait_for_losses(run_dir: str, job_id: str, count: int) -> None:
+    deadline = time.monotonic() + 240
+    while len(losses(run_dir)) < count:
+        assert time.monotonic() < deadline and squeue_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.5)
+
+
+def test_a_partition_between_the_hosts_ends_the_job_within_the_collective_timeout(store, tmp_path, capsys):
+    """Traffic between the hosts dropped, each still reaching slurmctld and S3: both ranks' collectives time out,
+    srun never hears of the remote task's exit, and without more the job stayed RUNNING, holding both nodes, until
+    its time limit. The failing task records why and ends its job. Meanwhile status flags the job stalled."""
+    run_dir, timeout_s = "s3://multi/partitioned", 30
+    jobs = run_toy(run_dir, tmp_path, "engine.kind=ddp", "--nodes", "2", "run.steps=100000", "checkpoint.every=0",
+                   f"engine.process_group_timeout_s={timeout_s}")
+    try:
+        wait_for_losses(run_dir, jobs["train"], 3)
+        drill("cut-links")
+        cut, flagged = time.monotonic(), ""
+        while not flagged and time.monotonic() - cut < timeout_s and squeue_state(jobs["train"]) == "RUNNING":
+            flagged = re.search(rf"{jobs['train']}\s+train\s+RUNNING, STALLED: no metrics for \d+ s",
+                                status_of(run_dir, capsys))
+        wait_done(jobs["train"], tmp_path, "FAILED", timeout_s=timeout_s + 90)
+        ended_s = time.monotonic() - cut
+    finally:
+        drill("heal-links")
+        subprocess.run(["scancel", jobs["train"]], timeout=30)
+    assert flagged, "a job whose metrics stopped moving is flagged stalled"
+    assert ended_s < timeout_s + 45
+    status = status_of(run_dir, capsys)
+    assert re.search(rf"{jobs['train']}\s+train\s+FAILED", status), status
+    assert re.search(r"failed \(instance 0, on mf-n1\): \w+: .*[Tt]imed out", status), status
+
+
+def test_a_lost_host_requeues_the_job_which_keeps_the_run_until_cancelled(store, tmp_path, capsys):
+    """The host of rank 0 (and of the batch script) dies: SLURM records NODE_FAIL and requeues the job, which
+    waits for two nodes. Its lease stays held: a manual resume on the other host is refused, naming the job, how
+    it resumes and how to take over; status shows both instances. Cancelled, the job frees the run at once."""
+    run_dir = "s3://multi/lost-host"
+    jobs = run_toy(run_dir, tmp_path, "engine.kind=ddp", "--nodes", "2", "run.steps=100000", "checkpoint.every=0",
+                   "engine.process_group_timeout_s=120")
+    try:
+        wait_for_losses(run_dir, jobs["train"], 3)
+        drill("lose-host", "mf-n1")
+        deadline = time.monotonic() + 90
+        while squeue_state(jobs["train"]) != "PENDING":
+            assert time.monotonic() < deadline, squeue_state(jobs["train"])
+            time.sleep(0.5)
+        capsys.readouterr()
+        assert submit(["--cluster", "slurm", "--run-dir", run_dir, *TOY, *ON_HOSTS, f"cluster.log_dir={tmp_path}",
+                       "engine.kind=ddp", "--nodes", "1", "--resume"]) == 2
+        refusal = capsys.readouterr().err
+        assert f"SLURM job {jobs['train']}, which SLURM requeued (PENDING" in refusal, refusal
+        assert "resumes this run by itself" in refusal and f"scancel {jobs['train']}" in refusal
+        deadline = time.monotonic() + 30
+        while "instances:" not in (status := status_of(run_dir, capsys)) and time.monotonic() < deadline:
+            time.sleep(1)   # accounting (slurmdbd) records the ended instance a moment later
+        assert re.search(rf"{jobs['train']}\s+train\s+PENDING \(.*\), requeued 1×", status), status
+        assert re.search(r"instances: NODE_FAIL \(mf-n\[1-2\], [\d:]+-[\d:]+\), PENDING", status), status
+        subprocess.run(["scancel", jobs["train"]], check=True, timeout=30)
+        wait_done(jobs["train"], tmp_path, "CANCELLED", timeout_s=60)
+        RunLease(run_dir).check_free()   # at once, not after the lease's time-to-live
+    finally:
+        subprocess.run(["scancel", jobs["train"]], timeout=30)
+        drill("revive-host", "mf-n1")

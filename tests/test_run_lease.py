@@ -140,3 +140,44 @@ def test_a_job_waits_while_slurm_cannot_say_whether_the_holding_job_ended(tmp_pa
     assert time.monotonic() - started > 2.0            # it waited for the expiry rather than taking it at once
     lease.release()
 
+
+
+def test_a_lease_kept_for_requeue_stays_after_release(tmp_path):
+    lease = RunLease(str(tmp_path), ttl_s=120)
+    lease.acquire()
+    lease.keep_for_requeue()
+    lease.release()
+    assert json.loads((tmp_path / LEASE).read_text())["holder"] == lease.record["holder"]
+
+
+def test_a_requeued_slurm_job_keeps_its_lease_however_old_and_a_resume_is_told_how_to_take_over(tmp_path):
+    """A job that SLURM requeued (here `scontrol requeuehold`: it waits in the queue) resumes the run by itself: a
+    manual resume is refused, naming the job, even after the lease's time-to-live; cancelled, the lease is free."""
+    from test_slurm import needs_slurm_reason, squeue_state
+
+    if needs_slurm_reason:
+        pytest.skip(needs_slurm_reason)
+    job = subprocess.run(["sbatch", "--parsable", "--requeue", "-o", "/dev/null", "--wrap", "sleep 120"], check=True,
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        deadline = time.monotonic() + 60
+        while squeue_state(job) != "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeuehold", job], check=True, timeout=30)
+        while squeue_state(job) != "PENDING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        write_lease(tmp_path, host="a-lost-host", pid=1, started=0.0, renewed=time.time() - 500, job=job)
+        with pytest.raises(RunDirBusy) as refused:
+            RunLease(str(tmp_path), ttl_s=120).check_free()
+        message = str(refused.value)
+        assert f"SLURM job {job}, which SLURM requeued (PENDING, job requeued in held state)" in message
+        assert "resumes this run by itself" in message and f"scancel {job}" in message and "--resume" in message
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    deadline = time.monotonic() + 60
+    while squeue_state(job) not in ("CANCELLED", ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    RunLease(str(tmp_path), ttl_s=120).check_free()

@@ -5,6 +5,7 @@ when no slurmctld answers (a laptop). The multi-node dry run needs no cluster.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -40,7 +41,7 @@ def test_dry_run_of_the_multi_node_example_prints_the_sbatch_script_and_config(t
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --account=ml", "#SBATCH --time=720",
                  "#SBATCH --signal=USR2@300", "#SBATCH --cpus-per-task=12", "source .venv/bin/activate",
-                 "srun --unbuffered", "--kill-on-bad-exit=1"):
+                 "#SBATCH --requeue", "srun --unbuffered", "--kill-on-bad-exit=1"):
         assert line in script, line
     assert "USR1" not in script
     assert "size: XL" in config and "gpus_per_node: 8" in config and "time: '12:00:00'" in config
@@ -58,6 +59,23 @@ def test_a_time_limit_too_short_for_the_signal_is_refused(tmp_path, capsys):
                    "cluster.signal_delay_s=30"]) == 2
     err = capsys.readouterr().err
     assert "cluster.time='1'" in err and "cluster.signal_delay_s=30" in err
+
+
+def test_a_running_job_whose_metrics_stopped_moving_is_flagged_stalled(tmp_path):
+    """20 record intervals (log_every steps at the last speed), at least MIN_STALL_S, without a new record."""
+    from meanflow.jobs.status import MIN_STALL_S, stalled
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 10, "loss": 1.0, "steps_per_s": 20.0}) + "\n"
+                       + json.dumps({"event": "checkpoint", "step": 10, "stall_s": 0.5}) + "\n")
+    now = time.time()
+    os.utime(metrics, (now - MIN_STALL_S / 2, now - MIN_STALL_S / 2))
+    assert stalled(str(tmp_path), log_every=1, started=None) is None
+    os.utime(metrics, (now - 60, now - 60))
+    assert stalled(str(tmp_path), log_every=1, started=None).startswith(
+        "STALLED: no metrics for 60 s (≈ 1200 step times; last step 10)")
+    assert stalled(str(tmp_path), log_every=100, started=None) is None   # 20 records of 100 steps: 100 s
+    assert stalled(str(tmp_path), log_every=1, started=now - 30) is None   # this instance is still starting
 
 
 # ------------------------------------------------------------------------------------------------ real SLURM
@@ -179,3 +197,40 @@ def test_a_time_limit_requeues_resumes_exactly_and_stops_at_max_requeues(s3_serv
     assert steps == list(range(10, steps[-1] + 1, 10)) and requeues[0]["step"] < steps[-1] <= stops[0]["step"]
     err = next(Path(tmp_path).rglob(f"{jobs['train']}_0_log.err")).read_text()
     assert "time limit reached 1 times (cluster.max_requeues)" in err
+
+
+@needs_slurm
+def test_an_evaluation_held_in_the_queue_until_training_ended_scores_its_pinned_step(s3_server, tmp_path):
+    """checkpoint.every 20, keep_last 2, eval.every 100: the job that evaluates step 100 waits in the queue (the
+    training fills the node; `scontrol hold` keeps it there) until training has committed 120 and 140, after which
+    retention alone would have deleted step 100 (the job then failed: `--step 100: not a committed step`). The
+    pin the training took keeps it; released, the job scores step 100 and unpins it."""
+    from meanflow.platform.checkpoint import CheckpointStore
+
+    fsspec.filesystem("s3").mkdir("slurm-held-eval")
+    run_dir = "s3://slurm-held-eval/run"
+    cpus = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%c"], capture_output=True, text=True,
+                          timeout=30).stdout.split()[0]   # the training job takes a whole node
+    assert submit(["--cluster", "slurm", "--config", "toy2d_mf", "--run-dir", run_dir, "run.steps=140",
+                   "run.log_every=20", "data.global_batch=16", f"cluster.cpus_per_task={cpus}", "checkpoint.every=20",
+                   "checkpoint.keep_last=2", "eval.every=100", "eval.num_samples=512", "eval.at_end=false",
+                   f"cluster.log_dir={tmp_path}"]) == 0
+    train = [r["job_id"] for r in read_lines(f"{run_dir}/jobs.jsonl") if r["event"] == "submitted"][0]
+    held = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (held := [r["job_id"] for r in read_lines(f"{run_dir}/jobs.jsonl") if r.get("what") == "step 100"]):
+            assert time.monotonic() < deadline and squeue_state(train) in ("PENDING", "RUNNING", "CONFIGURING")
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "hold", held[0]], check=True, timeout=30)
+        wait_done(train, tmp_path)
+        store = CheckpointStore(f"{run_dir}/checkpoints")
+        assert store.steps() == [100, 120, 140] and 100 in store.scan().pinned
+        subprocess.run(["scontrol", "release", held[0]], check=True, timeout=30)
+        wait_done(held[0], tmp_path)
+    finally:
+        subprocess.run(["scancel", train, *held], timeout=30)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert fs.exists(f"{run_dir}/eval/step-00000100/metrics.json")
+    assert 100 not in CheckpointStore(f"{run_dir}/checkpoints").scan().pinned

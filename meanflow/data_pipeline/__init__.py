@@ -14,7 +14,8 @@ def build_stream(data_cfg, seed: int, rank: int = 0, world_size: int = 1):
         return ShardStream(data_cfg.url, global_batch=data_cfg.global_batch, seed=seed, rank=rank,
                            world_size=world_size, num_workers=data_cfg.num_workers,
                            shuffle_block=data_cfg.shuffle_block, latent_norm=data_cfg.latent_norm,
-                           latent_flip=data_cfg.latent_flip, io_retries=data_cfg.io_retries)
+                           latent_flip=data_cfg.latent_flip, pixel_flip=data_cfg.pixel_flip,
+                           io_retries=data_cfg.io_retries)
     return build_embedded_stream(data_cfg.name, data_cfg.global_batch, seed, rank, world_size)
 
 

@@ -6,6 +6,8 @@ Kinds (``manifest["kind"]``):
 - ``latent``: ``<key>.latent.npy`` (2 flips, 2 moments (mean, std), C, H, W) + ``<key>.cls``; the stream draws
   ``mean + std·ε`` of a randomly chosen flip at every visit (a fresh posterior sample each epoch) and normalises
   it with MF's scale or iMF's per-channel statistics.
+Pixel kinds (``image``, and ``array`` samples of shape (C, H, W)) are mirrored only where ``pixel_flip`` asks for it
+(``data.pixel_flip``): a mirrored digit or text is another symbol, so a flip of pixels is never a default.
 Every kind may also carry ``<key>.src``, the index of the source item (provenance: the writer shuffles the order).
 The key is the global sample index (zero-padded), so a record names its own index.
 """
@@ -79,13 +81,24 @@ def latent_normalization(manifest: dict[str, Any], latent_norm: str) -> tuple[to
             1.0 / torch.tensor(stats["channel_std"], dtype=torch.float32).view(channel))
 
 
+def check_pixel_flip(pixel_flip: bool, manifest: dict[str, Any]) -> None:
+    """``data.pixel_flip`` mirrors pixel samples (C, H, W): refused for latents (their flips were encoded:
+    ``data.latent_flip``) and for samples that are not images."""
+    kind, shape = manifest["kind"], tuple(manifest["sample_shape"])
+    if pixel_flip and (kind == "latent" or len(shape) != 3):
+        raise ValueError(f"data.pixel_flip: mirrors pixel images (C, H, W); these shards hold {kind} samples of "
+                         f"shape {shape}" + (" (their flips: data.latent_flip)" if kind == "latent" else ""))
+
+
 class RecordDecoder:
     """Decodes raw records of one shard set into ``{"x", "y"?, "index"}``; returns None for a corrupt record."""
 
-    def __init__(self, manifest: dict[str, Any], seed: int, latent_norm: str = "mf", latent_flip: bool = True):
+    def __init__(self, manifest: dict[str, Any], seed: int, latent_norm: str = "mf", latent_flip: bool = True,
+                 pixel_flip: bool = False):
+        check_pixel_flip(pixel_flip, manifest)
         self.kind, self.shape = manifest["kind"], tuple(manifest["sample_shape"])
         self.num_classes = int(manifest["num_classes"])
-        self.seed, self.latent_flip = seed, latent_flip
+        self.seed, self.latent_flip, self.pixel_flip = seed, latent_flip, pixel_flip
         self.last_error = ""
         if self.kind == "latent":
             self.shift, self.scale = latent_normalization(manifest, latent_norm)
@@ -113,6 +126,8 @@ class RecordDecoder:
                                     index, epoch)
         if tuple(x.shape) != self.shape or not torch.isfinite(x).all():
             raise ValueError(f"shape {tuple(x.shape)} (manifest: {self.shape}) or non-finite values")
+        if self.pixel_flip and stream_seed(self.seed, "pixel_flip", epoch, index) & 1:   # (seed, epoch, index) only
+            x = x.flip(-1)
         out = {"x": x, "index": torch.tensor(index)}
         if self.num_classes:
             y = int(record["cls"])

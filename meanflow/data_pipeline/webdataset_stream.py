@@ -102,7 +102,7 @@ class ShardStream:
 
     def __init__(self, url: str, *, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 2, shuffle_block: int = 1000, latent_norm: str = "mf",
-                 latent_flip: bool = True, io_retries: int = 5):
+                 latent_flip: bool = True, pixel_flip: bool = False, io_retries: int = 5):
         if global_batch % world_size:
             raise ValueError(f"data.global_batch {global_batch} is not divisible by the world size {world_size}")
         self.url, self.seed, self.rank, self.world_size = url, int(seed), rank, world_size
@@ -120,7 +120,7 @@ class ShardStream:
                           stacklevel=2)
         self.fingerprint = _fingerprint(urls, self.manifest)
         self.reader = ShardReader(urls, retries=io_retries)
-        self.decoder = RecordDecoder(self.manifest, self.seed, latent_norm, latent_flip)
+        self.decoder = RecordDecoder(self.manifest, self.seed, latent_norm, latent_flip, pixel_flip)
         self.my_slots = [rank * self.workers + w for w in range(self.workers)]
         self.positions = {s: SlotPosition(0, 0) for s in self.my_slots}
         self.skipped = {s: 0 for s in self.my_slots}

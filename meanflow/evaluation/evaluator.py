@@ -11,6 +11,10 @@ iMF models are sampled once per ``eval.guidance`` setting (ω, t_min, t_max): gu
 one evaluation sweeps it. MF models take no guidance at sampling. ``eval.sampler`` (flow_map | consistency) and
 ``eval.steps`` (the time grid; empty: ``eval.nfe`` uniform steps) choose how every model is sampled; each metrics row
 records them with the NFE.
+
+Before anything loads, the extractor is checked against the images it will see (``feature_extractor_for``); an
+FID below ``FID_FLOOR`` is recorded with a ``suspect`` note (samples indistinguishable from the reference are a
+broken measurement, not a model).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from meanflow.data_pipeline import TOY_NAMES
 from meanflow.data_pipeline.records import latent_normalization
 from meanflow.data_pipeline.vae import DECODE_CHUNK, decode_latents, load_vae
 from meanflow.objectives import guidance_conditions
+from meanflow.platform.config import ConfigError
 from meanflow.platform.distributed import all_gather_objects
 
 from .digits_features import IMAGE_SHAPE as DIGITS_SHAPE
-from .feature_extractors import DIGITS, INCEPTION, load_feature_extractor
+from .feature_extractors import DIGITS, INCEPTION, INPUTS, load_feature_extractor, takes
 from .feature_stats import FeatureMoments, InceptionScoreSums, all_reduce_sum, frechet_distance
 from .images import to_uint8
 from .reference_stats import embedded_digits_reference, load_reference
@@ -60,6 +65,28 @@ def describe_data(data_cfg, seed: int) -> EvalData:
     stream = build_embedded_stream(data_cfg.name, data_cfg.global_batch, seed)
     return EvalData(stream.name, "toy" if stream.name in TOY_NAMES else "pixels", tuple(stream.sample_shape),
                     stream.num_classes, stream=stream)
+
+
+def image_shape(data: EvalData) -> tuple[int, ...]:
+    """(C, H, W) of the images the feature extractor sees: the samples, or a latent model's VAE-decoded RGB."""
+    if data.kind != "latent":
+        return data.sample_shape
+    down = int(data.manifest.get("vae", {}).get("downsample", 8))
+    return (3, data.sample_shape[1] * down, data.sample_shape[2] * down)
+
+
+def feature_extractor_for(eval_cfg, data: EvalData) -> str | None:
+    """The extractor ``eval.feature_extractor`` names for this data (None for 2-D toys, scored without one); a
+    ConfigError, before anything loads, when it cannot take the data's images."""
+    if data.kind not in ("pixels", "latent"):
+        return None
+    shape, name = image_shape(data), eval_cfg.feature_extractor
+    if name == "auto":   # digits-cnn is the extractor that makes sense for 8×8 greyscale
+        name = DIGITS if shape == DIGITS_SHAPE else INCEPTION
+    if not takes(name, shape):
+        raise ConfigError(f"eval.feature_extractor: {name} takes {INPUTS[name]}; the data ({data.name}, "
+                          f"{data.kind}) gives images of shape {shape}")
+    return name
 
 
 class LatentDecoder:
@@ -107,6 +134,20 @@ def sampler_tag(setting: dict) -> str:
     return f"-{setting['sampler']}-{grid}"
 
 
+FID_FLOOR = 1e-3
+
+
+def suspect_reason(row: dict) -> str | None:
+    """Why a metrics row's FID is not to be trusted (None when it is): one below ``FID_FLOOR`` says the samples'
+    features equal the reference's, which a generative model does not achieve; rows written before the flag
+    existed are judged by the same rule."""
+    if row.get("suspect"):
+        return row["suspect"]
+    if row.get("fid") is not None and row["fid"] < FID_FLOOR:
+        return f"fid below {FID_FLOOR:g}"
+    return None
+
+
 @dataclass
 class SettingResult:
     metrics: dict[str, Any]
@@ -132,13 +173,12 @@ class Evaluator:
         self.extractor = self.reference = self.decoder = None
         if data.kind == "other":
             raise ValueError(f"eval: no metric for {data.name} samples of shape {data.sample_shape}")
+        name = feature_extractor_for(ev, data)   # before the VAE loads
         if data.kind == "latent":
             self.decoder = LatentDecoder(ev.vae, data.manifest, cfg.data.latent_norm, self.device)
-        if data.kind != "toy":
-            name = ev.feature_extractor
-            if name == "auto":   # digits-cnn is the extractor that makes sense for 8×8 greyscale
-                name = DIGITS if data.sample_shape == DIGITS_SHAPE and data.kind == "pixels" else INCEPTION
+        if name is not None:
             self.extractor = load_feature_extractor(name, ev.feature_weights, self.device)
+            self.extractor.check_features_vary(image_shape(data))
             if ev.reference_stats:
                 self.reference = load_reference(ev.reference_stats)
                 self.reference.check_matches(self.extractor)
@@ -210,6 +250,9 @@ class Evaluator:
         if self.reference is not None:
             metrics["fid"] = frechet_distance(*moments.mean_cov(), self.reference.mu, self.reference.sigma)
             metrics["reference_stats"] = self.reference.source
+            suspect = suspect_reason(metrics)
+            if suspect:
+                metrics["suspect"] = suspect
         if correct[1] > 0:
             metrics["class_accuracy"] = (correct[0] / correct[1]).item()
         metrics["feature_extractor"] = self.extractor.describe()

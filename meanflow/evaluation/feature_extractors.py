@@ -5,6 +5,9 @@ Nothing is downloaded at run time: ``inception-v3-compat`` (real runs) needs ``e
 default) ships its weights with the package. The file is read as plain tensors (``torch.load(weights_only=True)`` or
 safetensors) and its sha256 recorded with every metric; torch-fidelity, which unpickles with ``weights_only=False``,
 is only ever handed a re-saved copy of tensors already loaded that way.
+
+Each extractor takes its own images (``takes``), checked against the data before anything loads, and a loaded one
+must tell different images apart (``check_features_vary``): features that hardly vary make every FID ~0.
 """
 
 from __future__ import annotations
@@ -22,11 +25,21 @@ from safetensors.torch import load as load_safetensors
 from meanflow.platform.storage import read_bytes
 
 from . import digits_features
+from .feature_stats import FeatureMoments, spread_problem
 
 INCEPTION = "inception-v3-compat"
 DIGITS = digits_features.NAME
 FID_LAYERS = {INCEPTION: "2048", DIGITS: "64"}
 IS_LAYER = "logits_unbiased"
+INPUTS = {INCEPTION: "1- or 3-channel images (C, H, W) of any size (resized to 299×299; grey repeated to RGB)",
+          DIGITS: f"greyscale 8×8 images {digits_features.IMAGE_SHAPE}"}
+
+
+def takes(name: str, image_shape: tuple[int, ...]) -> bool:
+    """Whether extractor ``name`` accepts uint8 images of ``image_shape`` (C, H, W) (what it takes: ``INPUTS``)."""
+    if name == DIGITS:
+        return tuple(image_shape) == digits_features.IMAGE_SHAPE
+    return len(image_shape) == 3 and image_shape[0] in (1, 3)
 
 
 def read_weights(url: str, setting: str = "eval.feature_weights") -> tuple[dict[str, torch.Tensor], str]:
@@ -70,6 +83,17 @@ class FeatureExtractor:
         device = next(self.module.parameters()).device
         features, logits = self.module(images_uint8.to(device))
         return features, logits
+
+    def check_features_vary(self, image_shape: tuple[int, ...], probe: int = 4) -> None:
+        """Refuse an extractor whose features of ``probe`` different random images (C, H, W) are degenerate (a
+        zeroed, untrained or wrong weights file): every FID through it would be ~0."""
+        g = torch.Generator().manual_seed(0)
+        moments = FeatureMoments(self.feature_dim)
+        moments.add(self(torch.randint(0, 256, (probe, *image_shape), generator=g, dtype=torch.uint8))[0])
+        problem = spread_problem(*moments.mean_cov())
+        if problem:
+            raise ValueError(f"eval.feature_weights: {self.weights_url}: {self.name} gives {problem} on {probe} "
+                             "different random images; FID through it is meaningless")
 
     def describe(self) -> dict:
         return {"name": self.name, "weights": self.weights_url, "weights_sha256": self.weights_sha256}

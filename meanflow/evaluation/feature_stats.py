@@ -51,6 +51,26 @@ class FeatureMoments:
         return mu.numpy(), sigma.numpy()
 
 
+# Features whose spread is below these cannot carry a FID: every distance to them is ~0 or ~‖μ1 − μ2‖² alone.
+RELATIVE_SPREAD_FLOOR = 1e-6     # trace(Σ) as a share of the mean square E‖x‖² = ‖μ‖² + trace(Σ)
+ABSOLUTE_SPREAD_FLOOR = 1e-9     # trace(Σ) itself
+
+
+def spread_problem(mu: np.ndarray, sigma: np.ndarray) -> str | None:
+    """Why features with mean ``mu`` and covariance ``sigma`` are degenerate (None when they are not): non-finite
+    values, near-constant features (trace(Σ) below the floors), or variation along a single direction (the
+    effective rank trace(Σ)² / ‖Σ‖²_F is 1 for a rank-1 Σ)."""
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        return "non-finite mean or covariance"
+    spread, mean_square = float(np.trace(sigma)), float(mu @ mu)
+    if spread <= max(RELATIVE_SPREAD_FLOOR * (mean_square + spread), ABSOLUTE_SPREAD_FLOOR):
+        return f"near-constant features (trace(Σ) {spread:.3g}, ‖μ‖² {mean_square:.3g})"
+    effective_rank = spread ** 2 / float(np.square(sigma).sum())
+    if effective_rank < 1.001:
+        return f"features that vary along one direction only (effective rank {effective_rank:.4g})"
+    return None
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), as EDM's fid.py computes it."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:

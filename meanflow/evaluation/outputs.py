@@ -22,7 +22,8 @@ from .images import save_image_grid, save_scatter_png
 def describe_metrics(metrics: dict) -> str:
     """One setting's result as a log line: ``guidance {...}, sampler flow_map, nfe 1, fid 12.3, is_mean 4.5, ...``
     (``steps`` only when a grid was given)."""
-    keys = ("guidance", "sampler", "nfe", "steps", "fid", "is_mean", "class_accuracy", "sw1", "sw2", "samples_per_s")
+    keys = ("guidance", "sampler", "nfe", "steps", "fid", "suspect", "is_mean", "class_accuracy", "sw1", "sw2",
+            "samples_per_s")
     return ", ".join(f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}"
                      for k in keys if metrics.get(k) not in (None, []))
 
@@ -40,6 +41,13 @@ def setting_key(row: dict) -> str:
     recorded are flow-map rows on the uniform grid."""
     return json.dumps([row.get("guidance"), row.get("sampler", "flow_map"), row.get("steps", []), row["nfe"],
                        row["num_samples"], row["seed"]], sort_keys=True)
+
+
+def fid_series(row: dict) -> tuple[str, str, str]:
+    """The FID series a metrics row belongs to: (feature extractor, its weights' sha256, reference statistics);
+    FIDs of different series do not compare. Empty strings for rows scored without features (2-D toys)."""
+    features = row.get("feature_extractor") or {}
+    return features.get("name", ""), features.get("weights_sha256", ""), row.get("reference_stats", "")
 
 
 def stored_results(run_dir: str, step: int) -> list[dict]:

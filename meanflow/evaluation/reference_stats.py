@@ -1,7 +1,9 @@
 """Reference statistics for FID: ``mu``, ``sigma`` of real images' features in an ``.npz`` at any fsspec URL.
 
 The file also names the feature extractor and the sha256 of its weights: FID against statistics of another
-network's features is meaningless, so loading checks both. Compute them once per dataset with
+network's features is meaningless, so loading checks both. Statistics of degenerate features (near-constant, or
+varying along one direction) are refused, loaded or computed: every FID against them would be ~0. Compute them
+once per dataset with
 
     python -m meanflow.evaluation.reference_stats --data s3://bucket/imagenet256-shards --out s3://bucket/ref/in256.npz \
         --feature-weights s3://bucket/weights/weights-inception-2015-12-05-6726825d.pth
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from meanflow.platform.storage import read_bytes, write_bytes_atomic
 
 from .feature_extractors import FeatureExtractor, load_feature_extractor
-from .feature_stats import FeatureMoments
+from .feature_stats import FeatureMoments, spread_problem
 from .images import to_uint8
 
 
@@ -43,10 +45,19 @@ class ReferenceStats:
                              f"(weights sha256 {self.weights_sha256[:12]}…), this evaluation uses {extractor.name} "
                              f"({extractor.weights_sha256[:12]}…); FID between them is meaningless")
 
+    def check_spread(self, setting: str) -> "ReferenceStats":
+        """Refuse statistics of degenerate features; ``setting`` names what they came from in the error."""
+        problem = spread_problem(self.mu, self.sigma)
+        if problem:
+            raise ValueError(f"{setting}: {problem} ({self.feature_extractor} features of {self.num_images} images); "
+                             "FID against them is meaningless")
+        return self
+
 
 def from_moments(moments: FeatureMoments, extractor: FeatureExtractor, source: str) -> ReferenceStats:
     mu, sigma = moments.mean_cov()
-    return ReferenceStats(mu, sigma, int(moments.n.item()), extractor.name, extractor.weights_sha256, source)
+    stats = ReferenceStats(mu, sigma, int(moments.n.item()), extractor.name, extractor.weights_sha256, source)
+    return stats.check_spread(f"reference statistics of {source}")
 
 
 def save_reference(stats: ReferenceStats, url: str) -> None:
@@ -65,8 +76,9 @@ def load_reference(url: str) -> ReferenceStats:
     if missing:
         raise ValueError(f"eval.reference_stats: {url} lacks {', '.join(sorted(missing))} (write it with "
                          "python -m meanflow.evaluation.reference_stats)")
-    return ReferenceStats(data["mu"], data["sigma"], int(data["num_images"]), str(data["feature_extractor"]),
-                          str(data["weights_sha256"]), url)
+    stats = ReferenceStats(data["mu"], data["sigma"], int(data["num_images"]), str(data["feature_extractor"]),
+                           str(data["weights_sha256"]), url)
+    return stats.check_spread(f"eval.reference_stats: {url}")
 
 
 def embedded_digits_reference(extractor: FeatureExtractor) -> ReferenceStats:

@@ -19,9 +19,9 @@ from pathlib import Path
 import submitit
 
 from meanflow.platform.config import ConfigError
-from meanflow.platform.checkpoint.upload import BoundedWriter
+from meanflow.platform.checkpoint.upload import BoundedWriter, StoragePermanentError
 from meanflow.platform.metrics import append_records
-from meanflow.platform.storage import join, read_bytes
+from meanflow.platform.storage import UnusableURL, join, read_bytes
 
 KINDS = ("slurm", "local", "debug")
 # sbatch --signal: "the signal may be sent up to 60 seconds earlier than specified"
@@ -81,7 +81,9 @@ def make_executor(cluster, kind: str, folder: Path, name: str, *, nodes: int, ta
     if cluster.mem_gb:
         params["mem_gb"] = cluster.mem_gb
     if kind == "slurm":
-        extra = {str(k): ("" if v is None else str(v)) for k, v in cluster.sbatch.items()}
+        # requeueable whatever the site's default (JobRequeue): a job whose node fails is requeued by SLURM
+        # (NODE_FAIL) and resumes by itself, as a preempted job requeues itself
+        extra = {"requeue": True, **{str(k): ("" if v is None else str(v)) for k, v in cluster.sbatch.items()}}
         if dependency:   # and drop the job if training fails, rather than leave it pending forever
             extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
         if nice is not None:
@@ -136,9 +138,13 @@ def store_writer(cfg) -> BoundedWriter:
 
 
 def record_job(run_dir: str, record: dict, writer: BoundedWriter | None = None) -> None:
-    """Append to the ledger; bounded by ``writer`` (store_writer(cfg) where the config is at hand)."""
-    append_records(ledger_url(run_dir), [{"time": datetime.datetime.now().isoformat(timespec="seconds"), **record}],
-                   writer or BoundedWriter("checkpoint"))
+    """Append to the ledger; bounded by ``writer`` (store_writer(cfg) where the config is at hand). A run directory
+    that refuses the write (read-only, full, no permission) is bad input: UnusableURL, at once."""
+    try:
+        append_records(ledger_url(run_dir), [{"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                                              **record}], writer or BoundedWriter("checkpoint"))
+    except StoragePermanentError as err:
+        raise UnusableURL(str(err)) from err
 
 
 def read_ledger(run_dir: str) -> list[dict]:

@@ -5,11 +5,14 @@ the key (exit code 2)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from omegaconf import DictConfig
 
 from meanflow.data_pipeline import build_stream
 from meanflow.evaluation.evaluator import Evaluator, describe_data
+from meanflow.evaluation.sampling import sampling_setting
 from meanflow.models import build_model, count_parameters
 from meanflow.models.decoupled_init import init_from_flow_model
 from meanflow.models.execution import configure_execution
@@ -41,12 +44,12 @@ def process_group(cfg: DictConfig, env: DistEnv, device: torch.device) -> None:
 
 def data_stream(cfg: DictConfig, env: DistEnv):
     """This rank's stream of the global batches, checked against the model and the world."""
+    check_batch_splits(cfg.data.global_batch, env.world_size, cfg.optim.grad_accum)
     try:
         stream = build_stream(cfg.data, cfg.run.seed, env.rank, env.world_size)
     except (ValueError, OSError) as err:   # no manifest, missing shard, too few shards: bad input, exit 2
         raise ConfigError(f"data: {err}") from err
     check_data_fits_model(cfg.model, stream)
-    check_batch_splits(cfg.data.global_batch, env.world_size, cfg.optim.grad_accum)
     return stream
 
 
@@ -57,10 +60,7 @@ def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
 
     def model_factory():
         torch.manual_seed(cfg.run.seed)                  # the same initial weights on every rank and rebuild
-        model = build_model(cfg.model)
-        if start is not None:                            # a resume then loads its checkpoint over these
-            init_from_flow_model(model, start)
-        return model
+        return initial_model(cfg.model, start)
 
     try:
         configure_execution(cfg.objective.jvp_attention, cfg.engine.compile, cfg.engine.activation_checkpointing,
@@ -68,6 +68,14 @@ def training_engine(cfg: DictConfig, device: torch.device, env: DistEnv):
         return build_engine(cfg.engine, cfg.optim, model_factory, device, env.world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+
+
+def initial_model(model_cfg: DictConfig, start: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The model ``model_cfg`` describes, started from ``start`` (model.init_from's weights) where given."""
+    model = build_model(model_cfg)
+    if start is not None:                                # a resume then loads its checkpoint over these
+        init_from_flow_model(model, start)
+    return model
 
 
 def starting_weights(url: str) -> dict[str, torch.Tensor] | None:
@@ -105,14 +113,22 @@ def frozen_teacher(cfg: DictConfig, device: torch.device):
     try:
         return load_teacher(cfg.model, o.split_mf.teacher, device)
     except (ValueError, OSError, RuntimeError) as err:   # RuntimeError: the weights do not fit the model config
-        raise ConfigError(f"objective.split_mf.teacher {o.split_mf.teacher or '(empty)'}: {err}") from err
+        raise ConfigError(f"objective.split_mf.teacher {o.split_mf.teacher or '(empty)'}: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An error that lists one line per item (torch's load_state_dict: each mismatched tensor) as its first item
+    and a count: bad input is reported in one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
 
 
 def checkpoint_store(cfg: DictConfig, rank: int) -> CheckpointStore:
     ckpt = cfg.checkpoint
     return CheckpointStore(ckpt.url or join(cfg.run.run_dir, "checkpoints"), keep_last=ckpt.keep_last,
                            keep_every=ckpt.keep_every, rank=rank, upload_timeout_s=ckpt.upload_timeout_s,
-                           max_outage_s=ckpt.max_outage_s, async_save=ckpt.async_save)
+                           max_outage_s=ckpt.max_outage_s, async_save=ckpt.async_save,
+                           collective_timeout_s=cfg.engine.process_group_timeout_s)
 
 
 def guard_parts(cfg: DictConfig, engine, stream, store, env: DistEnv):
@@ -131,6 +147,29 @@ def end_of_run_evaluator(cfg: DictConfig, device: torch.device, env: DistEnv) ->
                          require_fid=False)
     except (ValueError, OSError) as err:
         raise ConfigError(f"{err} (or eval.at_end=false to train without the end-of-run evaluation)") from err
+
+
+def check_buildable(cfg: DictConfig, world_size: int) -> None:
+    """What building the components would refuse that the config and its inputs decide, checked where
+    ``jobs/submit.py`` runs (no GPU, no job): rank 0's data stream against the model and ``world_size``; the
+    model, with model.init_from's weights, and split_mf's teacher, built on the meta device (shapes checked, no
+    memory taken); the sampling settings (read by every later evaluation, whether or not this run evaluates) and
+    the end-of-run evaluator on the CPU."""
+    data_stream(cfg, DistEnv(world_size=world_size)).close()
+    start = starting_weights(cfg.model.init_from)
+    with torch.device("meta"), warnings.catch_warnings():
+        # loading real tensors into meta parameters checks keys and shapes; the copy itself is the no-op we want
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        try:
+            initial_model(cfg.model, start)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        frozen_teacher(cfg, torch.device("meta"))
+    try:
+        sampling_setting(cfg.eval)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    end_of_run_evaluator(cfg, torch.device("cpu"), DistEnv())
 
 
 def run_summary(cfg: DictConfig, engine, device: torch.device) -> str:

@@ -89,6 +89,8 @@ def _plan(store: CheckpointStore, run_dir: str, steps: list[int] | None, every_s
           settings: list[dict]) -> list[int]:
     if every_step:
         wanted = store.steps()
+        if not wanted:   # not "nothing to evaluate": there is nothing evaluable at all
+            raise ConfigError(f"--all: {store.url} holds no committed checkpoint")
     else:
         wanted = [resolve_step(store, s) for s in (steps or [None])]
     return [s for s in wanted if force or not is_evaluated(run_dir, s, settings)]

@@ -42,9 +42,20 @@ def export_distributed_env(network_interface: str | None = None) -> None:
     print(describe_task(os.environ), flush=True)
 
 
+def submitted_job_id() -> str | None:
+    """This job's id (SLURM's, or submitit's local or debug one); None when not run by submitit."""
+    import submitit
+
+    try:
+        return submitit.JobEnvironment().job_id
+    except RuntimeError:
+        return None
+
+
 class JobFailed(RuntimeError):
     """A SLURM task whose run failed: raised so that the task exits non-zero. SLURM then records the job FAILED,
-    drops the evaluation that waits on ``afterok``, and srun (``--kill-on-bad-exit``) ends the other ranks."""
+    drops the evaluation that waits on ``afterok``, and srun (``--kill-on-bad-exit``) ends the other ranks; a
+    training task also ends its job itself (preemption.end_failed_job), for when srun cannot hear of its exit."""
 
 
 def finish(result: dict, cluster_kind: str) -> dict:
@@ -63,7 +74,8 @@ class TrainJob:
         self.config_yaml, self.cluster_kind, self.progress_bar = config_yaml, cluster_kind, progress_bar
 
     def __call__(self) -> dict:
-        from meanflow.jobs.preemption import Preempted, StopFlag, exit_for_requeue, requeue
+        from meanflow.jobs.preemption import Preempted, StopFlag, end_failed_job, exit_for_requeue, failure_line, \
+            requeue
 
         # first, before torch is imported: until then a USR2 would reach submitit's handler, which fails the job
         flag = StopFlag().install() if self.cluster_kind == "slurm" else None
@@ -82,17 +94,25 @@ class TrainJob:
         def train() -> None:
             Trainer(cfg, preemption=flag, on_commit=scheduler, progress_bar=self.progress_bar or None).run()
 
+        def train_or_requeue() -> dict:
+            try:
+                return finish(job_result(train), self.cluster_kind)
+            except Preempted as stop:
+                if rank == 0:
+                    requeued = requeue(cfg.run.run_dir, flag, minutes(cfg.cluster.time, "cluster.time"),
+                                       cfg.cluster.signal_delay_s, cfg.cluster.max_requeues, stop.step)
+                    if not requeued:
+                        return finish({"exit_code": 1, "message": f"failed: time limit reached "
+                                       f"{cfg.cluster.max_requeues} times (cluster.max_requeues); resubmit with "
+                                       "--resume"}, self.cluster_kind)
+                exit_for_requeue(rank)
+
         try:
-            return finish(job_result(train), self.cluster_kind)
-        except Preempted as stop:
-            if rank == 0:
-                requeued = requeue(cfg.run.run_dir, flag, minutes(cfg.cluster.time, "cluster.time"),
-                                   cfg.cluster.signal_delay_s, cfg.cluster.max_requeues, stop.step)
-                if not requeued:
-                    return finish({"exit_code": 1, "message": f"failed: time limit reached {cfg.cluster.max_requeues} "
-                                                              "times (cluster.max_requeues); resubmit with --resume"},
-                                  self.cluster_kind)
-            exit_for_requeue(rank)
+            return train_or_requeue()
+        except Exception as err:   # JobFailed, a lost peer, a bug: on SLURM the task ends its job itself
+            if self.cluster_kind == "slurm":
+                end_failed_job(cfg.run.run_dir, rank, failure_line(err))
+            raise
 
     def checkpoint(self, *args, **kwargs):   # noqa: D401 - submitit's hook, never used: see preemption.py
         return None
@@ -101,12 +121,14 @@ class TrainJob:
 class EvalJob:
     """``evaluate_steps`` on this job's tasks. ``watch``: keep polling the store for committed steps that are
     multiples of ``eval.every`` (and the final one) until the final step is evaluated or nothing new commits for
-    ``eval.watch_idle_s``. On SLURM a failed evaluation fails its job (``finish``)."""
+    ``eval.watch_idle_s``. On SLURM a failed evaluation fails its job (``finish``), and why it failed goes to the
+    run's ledger (``status`` shows it). ``pinned_in``: the checkpoint store where ``steps`` were pinned for this
+    job; it releases them once it has written their metrics or failed (it is never run again)."""
 
     def __init__(self, run_dir: str, cluster_kind: str, steps: list[int] | None = None, every_step: bool = False,
-                 overrides: list[str] | None = None, watch: bool = False):
+                 overrides: list[str] | None = None, watch: bool = False, pinned_in: str | None = None):
         self.run_dir, self.cluster_kind, self.steps, self.every_step = run_dir, cluster_kind, steps, every_step
-        self.overrides, self.watch = list(overrides or []), watch
+        self.overrides, self.watch, self.pinned_in = list(overrides or []), watch, pinned_in
 
     def __call__(self) -> dict:
         from meanflow.jobs.evaluate import evaluate_steps
@@ -120,7 +142,28 @@ class EvalJob:
             else:
                 evaluate_steps(self.run_dir, self.steps, self.every_step, self.overrides)
 
-        return finish(job_result(evaluate), self.cluster_kind)
+        try:
+            result = job_result(evaluate)
+        except Exception as err:   # a bug: its trace goes to the job's log, its one line to the ledger
+            self._finished(f"{type(err).__name__}: {err}")
+            raise
+        self._finished(result["message"] if result["exit_code"] else None)
+        return finish(result, self.cluster_kind)
+
+    def _finished(self, failure: str | None) -> None:
+        """Rank 0, once the evaluation is over: record why it failed, then release this job's pins."""
+        if int(os.environ.get("RANK", 0)) != 0:
+            return
+        from meanflow.jobs.cluster import record_job
+        from meanflow.platform.checkpoint import BoundedWriter, Pins
+
+        if failure:
+            record_job(self.run_dir, {"event": "failed", "kind": "eval", "job_id": submitted_job_id(),
+                                      "steps": self.steps, "message": failure})
+        if self.pinned_in:
+            pins = Pins(self.pinned_in, BoundedWriter("checkpoint"))
+            for step in self.steps or []:
+                pins.unpin(step)
 
     def _watch(self, cfg, poll_s: float = 30.0) -> None:
         from meanflow.jobs.evaluate import evaluate_steps
@@ -143,18 +186,24 @@ class EvalJob:
 
 class EvalScheduler:
     """Training rank 0's ``on_commit``: submit an evaluation job for each committed multiple of ``eval.every``
-    (the final step has its own job, submitted with the training job)."""
+    (the final step has its own job, submitted with the training job). The step is pinned in the store before the
+    job exists, so retention keeps it however long the job waits in the queue (the pin is a file in the store: it
+    survives requeues of either job), and a job that starts at once finds the pin it releases."""
 
     def __init__(self, cfg, cluster_kind: str):
         self.cfg, self.cluster_kind = cfg, cluster_kind
 
-    def __call__(self, step: int) -> None:
+    def __call__(self, step: int, store):
+        """The submitted job (submitit's handle), or None."""
         if step % self.cfg.eval.every or step >= self.cfg.run.steps:
-            return
+            return None
         from meanflow.jobs.cluster import submit_eval
 
         try:
-            job = EvalJob(self.cfg.run.run_dir, self.cluster_kind, [step])
-            submit_eval(self.cfg, self.cluster_kind, job, f"step {step}")
+            store.pin(step, f"evaluation scheduled {time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            job = EvalJob(self.cfg.run.run_dir, self.cluster_kind, [step], pinned_in=store.url)
+            return submit_eval(self.cfg, self.cluster_kind, job, f"step {step}")
         except Exception:   # a failed submission must not kill training; the step can be evaluated by hand
             print(f"could not submit the evaluation of step {step}:\n{traceback.format_exc()}", file=sys.stderr)
+            store.unpin(step)   # no job will release it
+            return None

@@ -11,6 +11,7 @@ import sys
 from typing import Callable
 
 from meanflow.platform.config import ConfigError
+from meanflow.platform.storage import UnusableURL
 
 
 class TrainingFailed(RuntimeError):
@@ -20,9 +21,10 @@ class TrainingFailed(RuntimeError):
 
 def _failure_types() -> tuple[type[BaseException], ...]:
     # imported only once a RuntimeError is in hand: the engines module loads torch
+    from meanflow.platform.checkpoint.upload import StorageOutage
     from meanflow.platform.engines.jvp_smoke import EngineJVPError
 
-    return TrainingFailed, EngineJVPError
+    return TrainingFailed, EngineJVPError, StorageOutage
 
 
 def exit_status(fn: Callable[[], int | None]) -> tuple[int, str]:
@@ -30,7 +32,7 @@ def exit_status(fn: Callable[[], int | None]) -> tuple[int, str]:
     must read."""
     try:
         return fn() or 0, ""
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, UnusableURL, FileNotFoundError) as err:
         return 2, f"error: {err}"
     except RuntimeError as err:
         if not isinstance(err, _failure_types()):

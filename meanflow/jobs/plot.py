@@ -1,16 +1,21 @@
 """``jobs/submit.py plot --run-dir URL [--out URL]``: one PNG of a run's progress — training loss and jvp_norm vs
 step (``metrics.jsonl``, guard events marked), and the evaluation metric vs step (``eval/metrics.jsonl``: FID, or
-SW1 for 2-D toys), one line per guidance setting."""
+SW1 for 2-D toys), one line per FID series (feature extractor, its weights, reference statistics) and guidance
+setting, suspect values (an FID below the floor) marked ×."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import posixpath
 from collections import defaultdict
 
-from meanflow.evaluation.evaluator import guidance_tag
+from meanflow.evaluation.evaluator import guidance_tag, suspect_reason
+from meanflow.evaluation.outputs import fid_series
 from meanflow.platform.storage import join, read_bytes, write_bytes_atomic
+
+from .run_dir import check_output_writable
 
 
 def read_jsonl(url: str) -> list[dict]:
@@ -46,21 +51,35 @@ def draw(train: list[dict], evals: list[dict]) -> bytes:
             ax.set_yscale("log")
     ax = fig.add_subplot(1, 3, 3)
     metric = "fid" if any("fid" in r for r in evals) else "sw1"
-    series = defaultdict(list)
-    for r in evals:
-        if metric in r:
-            series[guidance_tag(r.get("guidance")).lstrip("-") or "no guidance"].append((r["step"], r[metric]))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot(*zip(*points), marker="o", lw=1, label=label)
+    series = eval_series([r for r in evals if metric in r])
+    for label, rows in series:
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", lw=1, label=label)
+        suspect = [r for r in rows if suspect_reason(r)]
+        ax.plot([r["step"] for r in suspect], [r[metric] for r in suspect], "x", color="tab:red", ms=9)
     if len(series) > 1:
         ax.legend(fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(f"{metric.upper()} ({evals[0]['nfe']}-NFE)" if evals else "no evaluations yet", fontsize=9)
+    note = " (× suspect)" if any(suspect_reason(r) for r in evals) else ""
+    ax.set_title(f"{metric.upper()} ({evals[0]['nfe']}-NFE){note}" if evals else "no evaluations yet", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def eval_series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(label, rows sorted by step) per FID series (feature extractor, weights, reference statistics) and guidance
+    setting; the label names the extractor and reference only where the rows hold more than one."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(fid_series(r), guidance_tag(r.get("guidance")).lstrip("-") or "no guidance")].append(r)
+    several = len({series for series, _ in groups}) > 1
+
+    def label(series: tuple[str, str, str], guidance: str) -> str:
+        name, sha, reference = series
+        return f"{guidance}; {name} {sha[:8]} vs {posixpath.basename(reference)}" if several else guidance
+
+    return [(label(*key), sorted(rows, key=lambda r: r["step"])) for key, rows in sorted(groups.items())]
 
 
 def run(args) -> int:
@@ -69,6 +88,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"--run-dir {args.run_dir}: no metrics.jsonl (not a run directory, or no step "
                                 "logged yet)")
     out = args.out or join(args.run_dir, "plots", "progress.png")
+    check_output_writable(out, "--out" if args.out else "--run-dir")
     write_bytes_atomic(out, draw(train, read_jsonl(join(args.run_dir, "eval", "metrics.jsonl"))))
     print(f"wrote {out}")
     return 0

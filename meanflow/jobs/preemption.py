@@ -10,12 +10,16 @@ newest committed checkpoint with its data position: no step is lost and none rep
 A signal that arrives within ``signal_delay_s`` (+ SLURM's minute of resolution) of the time limit, measured from
 the start of this process, counts as a timeout; timeouts
 requeue at most ``cluster.max_requeues`` times (counted in the run's jobs.jsonl). Preemptions always requeue.
+
+A task that fails for any other reason ends its job itself (``end_failed_job``): its non-zero exit alone leaves the
+job RUNNING, holding every node, when srun cannot hear of it (a network partition between the hosts).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,3 +82,56 @@ def exit_for_requeue(rank: int) -> None:
     rank's exit were a bad one."""
     sys.stdout.flush()
     sys.exit(-1 if rank == 0 else 0)
+
+
+def end_failed_job(run_dir: str, rank: int, message: str) -> None:
+    """A SLURM task whose run failed, before it exits: rank 0 records why in the run's ledger (SLURM's state says
+    only FAILED), then the task makes sure its job ends. Its non-zero exit is not enough: srun ends the other tasks
+    only once it hears of it, and a task on a host that srun's host cannot reach (a network partition between the
+    hosts) never reports its exit. Killing the job's batch script (through slurmctld, which every host reaches)
+    ends the job FAILED, every task with it; only while this task's instance of the job runs: a job that SLURM
+    has requeued meanwhile (its node failed) resumes by itself."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if rank == 0:
+        _record_failure(run_dir, {"event": "failed", "kind": "train", "job_id": job_id, "restart": restart,
+                                  "host": socket.gethostname(), "message": message})
+    if _instance_running(job_id, restart):
+        print(f"{message}\nending SLURM job {job_id} (scancel --batch --signal=KILL): this task failed",
+              file=sys.stderr, flush=True)
+        try:
+            subprocess.run(["scancel", "--batch", "--signal=KILL", job_id], timeout=30, capture_output=True)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            print(f"could not end SLURM job {job_id}: {err}", file=sys.stderr, flush=True)
+
+
+def _record_failure(run_dir: str, record: dict) -> None:
+    """Bounded to seconds: the failure may be the store's own outage, and the job holds its nodes meanwhile."""
+    from meanflow.platform.checkpoint.upload import BoundedWriter
+
+    from .cluster import record_job
+
+    try:
+        record_job(run_dir, record, BoundedWriter("checkpoint", timeout_s=10.0, max_outage_s=20.0))
+    except Exception as err:   # the job must end all the same
+        print(f"could not record the failure in the run's ledger: {type(err).__name__}: {err}", file=sys.stderr,
+              flush=True)
+
+
+def _instance_running(job_id: str, restart: int) -> bool:
+    """Whether SLURM says the job runs as the instance ``restart`` (not requeued since, not ending)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    fields = dict(item.partition("=")[::2] for item in out.stdout.split())
+    return fields.get("JobState") == "RUNNING" and fields.get("Restarts") == str(restart)
+
+
+def failure_line(err: BaseException) -> str:
+    """One line of a failure for the ledger (its whole trace is in the task's log)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return (line if line.startswith(("failed:", "error:")) else f"{type(err).__name__}: {line}")[:400]

@@ -1,5 +1,9 @@
 """Pre-flight checks of a training job: that the config, the data, the world and the run directory fit together,
-before the first step. Each raises ``ConfigError`` naming the key to change (the CLI's exit code 2)."""
+before the first step. Each raises ``ConfigError`` naming the key to change (the CLI's exit code 2).
+
+Those that need no GPU and no job also run where ``jobs/submit.py`` runs, before anything is written, submitted or
+recorded (``run_dir.check_training_run_dir``, ``components.check_buildable``); the job runs them again, with what
+only it knows (its world, the engine's JVP, the run's lease)."""
 
 from __future__ import annotations
 
@@ -43,6 +47,26 @@ def check_same_run(cfg: DictConfig) -> None:
                 != OmegaConf.to_container(cfg[section])):
             raise ConfigError(f"run.run_dir: {run_dir} holds checkpoints of a run with another '{section}' "
                               "section; choose another --run-dir to start a new run")
+    check_same_fid_series(stored, cfg)
+
+
+FID_SERIES_KEYS = ("feature_extractor", "feature_weights", "reference_stats")
+
+
+def check_same_fid_series(stored: DictConfig, cfg: DictConfig) -> None:
+    """A resumed run's FIDs stay one series: another feature extractor, weights file or reference statistics than
+    the stored config's is refused, before the stored config is rewritten, unless ``eval.new_series`` is set."""
+    defaults = OmegaConf.structured(Config).eval
+    changed = {}
+    for key in FID_SERIES_KEYS:
+        old = OmegaConf.select(stored, f"eval.{key}", default=defaults[key])
+        if old != cfg.eval[key]:
+            changed[f"eval.{key}"] = f"{old!r} -> {cfg.eval[key]!r}"
+    if changed and not cfg.eval.new_series:
+        raise ConfigError(f"{', '.join(changed)}: resuming {cfg.run.run_dir} with another FID measurement ("
+                          + "; ".join(f"{k} {v}" for k, v in changed.items()) + "); its FIDs would not compare "
+                          "with the run's earlier ones: keep the stored values, or set eval.new_series=true to start "
+                          "a new FID series on purpose")
 
 
 def check_resumable(cfg: DictConfig, engine_name: str, newest_commit: dict | None, world_size: int,

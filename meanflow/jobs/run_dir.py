@@ -6,6 +6,8 @@ named in the message.
 
 from __future__ import annotations
 
+import posixpath
+
 import torch
 from omegaconf import DictConfig
 
@@ -14,7 +16,7 @@ from meanflow.models.execution import set_block_execution
 from meanflow.platform.checkpoint import CheckpointError, CheckpointStore
 from meanflow.platform.config import ConfigError, load_config_text
 from meanflow.platform.run_lease import RunLease
-from meanflow.platform.storage import filesystem, join, read_bytes
+from meanflow.platform.storage import UnusableURL, filesystem, join, probe_writable, read_bytes
 
 from .preflight import check_resumable
 
@@ -37,6 +39,16 @@ def read_stored_config(run_dir: str, flag: str = "--run-dir") -> str | None:
         return None
     except NotADirectoryError:
         raise ConfigError(f"{flag} {run_dir}: not a directory (a file stands in its path)") from None
+
+
+def check_output_writable(url: str, flag: str) -> None:
+    """The folder that file ``url`` goes in takes writes: a command refuses a read-only, full or missing place
+    (``flag`` named, exit 2) before its work, not after it."""
+    fs, path = filesystem(url)
+    try:
+        probe_writable(fs.unstrip_protocol(posixpath.dirname(path)))
+    except UnusableURL as err:
+        raise ConfigError(f"{flag} {url}: {err}") from err
 
 
 def load_run_config(run_dir: str, overrides: list[str] | None = None) -> DictConfig:

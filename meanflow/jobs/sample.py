@@ -20,7 +20,7 @@ from meanflow.platform.config import ConfigError
 from meanflow.platform.storage import join, write_bytes_atomic
 
 from .evaluate import guidance_override
-from .run_dir import load_run_config, load_sampling_model, open_store, resolve_step
+from .run_dir import check_output_writable, load_run_config, load_sampling_model, open_store, resolve_step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    if args.num < 1:   # checked as the flag: it reaches the config as eval.num_samples
+        raise ConfigError(f"--num {args.num}: must be at least 1")
     cfg = load_run_config(args.run_dir, [*args.overrides, *guidance_override(args.guidance),
                                          f"eval.num_samples={args.num}"])
     try:
@@ -42,10 +44,11 @@ def run(args) -> int:
         raise ConfigError(str(err)) from err
     store = open_store(cfg, args.run_dir)
     step = resolve_step(store, args.step)
+    prefix = args.out or join(args.run_dir, "samples", f"step-{step:08d}")
+    check_output_writable(prefix, "--out" if args.out else "--run-dir")
     model, which = load_sampling_model(cfg, store, step, "cpu")
     data = describe_data(cfg.data, cfg.run.seed)
     decoder = LatentDecoder(cfg.eval.vae, data.manifest, cfg.data.latent_norm, "cpu") if data.kind == "latent" else None
-    prefix = args.out or join(args.run_dir, "samples", f"step-{step:08d}")
     for guidance in guidance_settings(cfg.model, cfg.eval):
         omega = None if guidance is None else guidance_conditions(1, **guidance)
         parts = list(generate(model, range(args.num), data.sample_shape, data.num_classes, cfg.eval.seed, **setting,

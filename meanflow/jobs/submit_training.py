@@ -14,10 +14,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from meanflow.platform.config import save_config
+from meanflow.platform.storage import probe_writable
 from meanflow.platform.train_state import git_sha
 
 from .cluster import make_executor, record_job, sbatch_script, store_writer, submission_folder, submit_eval, \
     tasks_per_node, time_limit_min
+from .components import check_buildable
 from .job_callables import EvalJob, TrainJob
 from .run_dir import check_training_run_dir
 
@@ -41,6 +43,9 @@ def submit_training(cfg: DictConfig, kind: str, dry_run: bool = False, stdout=No
         time_limit_min(cluster, kind, cfg.eval.time, "eval.time")
     if not dry_run:   # (a dry run reads no storage)
         check_training_run_dir(cfg, cluster.nodes * tasks)
+        check_buildable(cfg, cluster.nodes * tasks)
+        for url in filter(None, (cfg.checkpoint.url, run_dir)):   # full, read-only, a file in the way: refused now
+            probe_writable(url)
     folder = submission_folder(cluster, cfg.run.name, "train")
     executor = make_executor(cluster, kind, folder, f"train-{cfg.run.name}", nodes=cluster.nodes, tasks=tasks,
                              gpus=cluster.gpus_per_node, time=cluster.time, time_key="cluster.time")

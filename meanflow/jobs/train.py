@@ -44,9 +44,9 @@ def check_stats_device(stats: dict[str, torch.Tensor], loss: torch.Tensor) -> No
 
 class Trainer:
     """``preemption``: a StopFlag (SLURM jobs) checked at every step boundary; when any rank's flag is set, every
-    rank saves and ``run`` raises Preempted. ``on_commit(step)``: called on rank 0 once a checkpoint has committed
-    (scheduled evaluations). ``progress_bar``: a tqdm bar (True), log lines (False), or as stdout is a terminal
-    or not (None)."""
+    rank saves and ``run`` raises Preempted. ``on_commit(step, store)``: called on rank 0 once a checkpoint has
+    committed, with the store holding it (a scheduled evaluation pins the step there). ``progress_bar``: a tqdm
+    bar (True), log lines (False), or as stdout is a terminal or not (None)."""
 
     def __init__(self, cfg: DictConfig, stdout=None, preemption=None, on_commit=None,
                  progress_bar: bool | None = None):
@@ -85,6 +85,7 @@ class Trainer:
                         self.env.world_size, self.store.url)
         if commits:
             step, train_state, meta = self.store.load_latest(self.engine)
+            self._record_damage()
             if step is None:
                 raise TrainingFailed(f"every committed checkpoint in {self.store.url} failed verification; "
                                      "refusing to start over on top of them")
@@ -115,6 +116,7 @@ class Trainer:
         self.store.wait()                       # the previous (async) upload has committed: announce it
         self._announce_commits()
         url = self.store.save(self.step, self.engine, train_state, meta, healthy=not self.state.unhealthy_since_save)
+        self._record_damage()
         self.pending_commits.append(self.step)
         if not self.store.async_save:
             self._announce_commits()
@@ -126,10 +128,16 @@ class Trainer:
                             "stall_s": round(time.perf_counter() - started, 4)})
         return url
 
+    def _record_damage(self) -> None:
+        """Each damaged checkpoint the store met (skipped, set aside, saved anew) becomes an event of the run."""
+        for step, reason in self.store.take_damage_reports():
+            self.write_metrics({"event": "checkpoint_damaged", "step": step, "url": self.store.step_url(step),
+                                "reason": reason})
+
     def _announce_commits(self) -> None:
         if self.on_commit is not None and self.env.is_main:
             for step in self.pending_commits:
-                self.on_commit(step)
+                self.on_commit(step, self.store)
         self.pending_commits.clear()
 
     # -------------------------------------------------------------------------------------------------- step
@@ -215,6 +223,7 @@ class Trainer:
             if self.state.saved_step != self.step:
                 self.save()
             self.store.close()   # the last upload commits (and retention gets its time) before evaluation and exit
+            self._record_damage()
             self._announce_commits()
         except (ShardUnreadable, StorageOutage) as err:   # committed checkpoints stay; rerun to continue
             raise TrainingFailed(f"step {self.step}: {err}") from err
@@ -245,6 +254,8 @@ class Trainer:
             self.store.wait()
             self._announce_commits()
             self.log(f"stop signal: checkpoint of step {step} committed; leaving for requeue")
+            if self.lease:   # the requeued job takes it over; a manual resume meanwhile is refused, naming it
+                self.lease.keep_for_requeue()
             raise Preempted(step)
 
     def _stop_requested(self) -> bool:

@@ -9,6 +9,7 @@ came from; the CLI turns that into exit code 2. The resolved config is written i
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class RunConfig:
     resume: bool = False
     """Require a checkpoint to continue from (an error if run_dir holds none). A run_dir that holds committed
     checkpoints is always continued (a requeued job restarts the same command), provided its stored model,
-    objective and data sections equal this config's."""
+    objective and data sections equal this config's, and its FID measurement too (eval.new_series)."""
     trackers: List[str] = field(default_factory=list)
     """Experiment trackers fed by rank 0 beside metrics.jsonl: tensorboard (event files in <run_dir>/tb/), wandb
     (offline unless WANDB_MODE says otherwise; run id in <run_dir>/trackers/wandb.json). The trackers extra."""
@@ -315,7 +316,12 @@ class DataConfig:
     """Latent shards: mf (× the VAE's scale, 0.18215), imf (iMF's per-channel SD-VAE mean/std) or measured
     (per-channel mean/std the shard writer measured on this data)."""
     latent_flip: bool = True
-    """Latent shards: pick the image or its horizontal flip at random each visit (both were encoded)."""
+    """Latent shards only: pick the image or its horizontal flip at random each visit (both were encoded). Pixel
+    shards are never flipped by it: see pixel_flip."""
+    pixel_flip: bool = False
+    """Pixel shards (image or array samples of shape (C, H, W)): mirror each sample at random each visit, drawn
+    from (run seed, epoch, index). Off unless chosen: a mirrored digit or text is another symbol; natural photos
+    (CIFAR, ImageNet pixels) are usually trained with it. Refused for latent shards and embedded data."""
     io_retries: int = bounded(5, ge=0)
     """Retries (exponential backoff from 0.5 s) of a transient storage error before the run fails."""
 
@@ -380,9 +386,13 @@ class CheckpointConfig:
     """Stage the state in memory, then upload and commit in a background thread while training goes on (one
     upload in flight at most; the next save waits for it)."""
     upload_timeout_s: float = bounded(300.0, gt=0)
-    """One upload attempt that has not finished after this long is abandoned and retried (with backoff)."""
+    """One attempt to reach the store (an upload, a read of the run directory) that has not finished after this long
+    is abandoned and retried (with backoff). At most max_outage_s; long enough for the largest file of a save (the
+    default: XL/2's 5.4 GB optimizer state at 20 MB/s)."""
     max_outage_s: float = bounded(1800.0, gt=0)
-    """If the store stays unreachable this long, the job stops loudly instead of training unprotected."""
+    """If the store stays unreachable this long (from the first attempt that failed or did not answer), the job
+    stops loudly instead of training unprotected: within this plus one short last attempt, whatever hangs. A full
+    disk, a read-only target, a missing permission or bucket fails at once instead."""
 
 
 @dataclass
@@ -476,6 +486,9 @@ class EvalConfig:
     downloaded at run time)."""
     reference_stats: str = ""
     """FID reference statistics (.npz with mu, sigma) at any fsspec URL; the embedded digits need none."""
+    new_series: bool = False
+    """Resuming a run with another feature_extractor, feature_weights or reference_stats than it was stored with
+    is refused unless this is true: the FIDs after the change start a new series (plot and status show it apart)."""
     vae: str = ""
     """Latent models: the diffusers AutoencoderKL directory (local or fsspec URL) that decodes samples."""
     is_splits: int = bounded(10, ge=1)
@@ -588,6 +601,8 @@ def load_config_text(text: str, source: str, overrides: Optional[List[str]] = No
         yaml_cfg = OmegaConf.create(text)
     except Exception as err:  # YAML syntax errors come from several libraries
         raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
+    if not isinstance(yaml_cfg, DictConfig):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (run:, model:, ...), not a list")
     cfg = _merge(cfg, yaml_cfg, source)
     for item in overrides or []:
         if "=" not in item:
@@ -686,8 +701,17 @@ def _is_section(node: Any) -> bool:   # a schema section (not a free-form dict s
     return isinstance(node, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(node))
 
 
+def _check_number(key: str, value: Any, bounds: Optional[Range], source: str) -> None:
+    """A number is finite (inf or nan in a config is a typo or an overflow, never a setting) and in its range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: key '{key}': {value!r} is out of range (must be a finite number"
+                          + (f", {bounds})" if bounds not in (None, Range()) else ")"))
+    if bounds is not None and value is not None and value not in bounds:
+        raise ConfigError(f"{source}: key '{key}': {value!r} is out of range (must be {bounds})")
+
+
 def _check_ranges(node: DictConfig, source: str, prefix: str = "") -> None:
-    """Walks the config with its schema: each bounded value (each element of a list) lies in its range."""
+    """Walks the config with its schema: each number (each element of a list) is finite and lies in its range."""
     for f in dataclasses.fields(OmegaConf.get_type(node)):
         key, value = prefix + f.name, node[f.name]
         bounds = f.metadata.get("range")
@@ -697,10 +721,10 @@ def _check_ranges(node: DictConfig, source: str, prefix: str = "") -> None:
             for i, item in enumerate(value):
                 if _is_section(item):
                     _check_ranges(item, source, f"{key}[{i}].")
-                elif bounds is not None and item not in bounds:
-                    raise ConfigError(f"{source}: key '{key}[{i}]': {item!r} is out of range (must be {bounds})")
-        elif bounds is not None and value is not None and value not in bounds:
-            raise ConfigError(f"{source}: key '{key}': {value!r} is out of range (must be {bounds})")
+                else:
+                    _check_number(f"{key}[{i}]", item, bounds, source)
+        else:
+            _check_number(key, value, bounds, source)
 
 
 def validate(cfg: DictConfig, source: str) -> None:
@@ -716,6 +740,9 @@ def validate(cfg: DictConfig, source: str) -> None:
     if (cfg.data.name == "webdataset") != bool(cfg.data.url):
         raise ConfigError(f"{source}: key 'data.url': set it exactly when data.name is 'webdataset' "
                           f"(data.name={cfg.data.name!r}, data.url={cfg.data.url!r})")
+    if cfg.data.pixel_flip and cfg.data.name != "webdataset":
+        raise ConfigError(f"{source}: key 'data.pixel_flip': flips pixel shards; the embedded {cfg.data.name!r} "
+                          "data is never flipped")
     if cfg.guard.inject.kind != "none" and not cfg.guard.allow_inject:
         raise ConfigError(f"{source}: key 'guard.inject': fault injection is for tests; set guard.allow_inject=true "
                           "to run it on purpose")
@@ -727,6 +754,15 @@ def validate(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: key 'objective.jvp_attention': 'fused' cannot run inside the compiled JVP of "
                           "engine.compile=all (the kernel's compiled path has no backward); use 'auto' (math "
                           "attention there) or engine.compile=outside_jvp")
+    objective = cfg.objective.stability.base if cfg.objective.name == "stability" else cfg.objective.name
+    if objective == "dmf" and (cfg.model.family, cfg.model.conditioning) != ("mf_dit", "decoupled"):
+        raise ConfigError(f"{source}: key 'model.conditioning': objective dmf trains a model with a log-variance head: "
+                          f"model.family=mf_dit with model.conditioning=decoupled (got {cfg.model.family} with "
+                          f"{cfg.model.conditioning})")
+    if cfg.checkpoint.upload_timeout_s > cfg.checkpoint.max_outage_s:
+        raise ConfigError(f"{source}: key 'checkpoint.upload_timeout_s': {cfg.checkpoint.upload_timeout_s:g} is longer "
+                          f"than checkpoint.max_outage_s={cfg.checkpoint.max_outage_s:g} (one attempt may not outlast "
+                          "the outage limit): lower it, or raise checkpoint.max_outage_s")
     for key, length, meaning in (("objective.time_tangents", 2, "[dt, dr]"), ("optim.betas", 2, "[beta1, beta2]")):
         if len(OmegaConf.select(cfg, key)) != length:
             raise ConfigError(f"{source}: key '{key}': expected {meaning}, got {list(OmegaConf.select(cfg, key))}")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import zlib
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+T = TypeVar("T")
 
 
 class DistributedEnvError(RuntimeError):
@@ -167,8 +170,43 @@ def barrier(group=None) -> None:
 
 def new_group_like_world(timeout_s: float):
     """A second gloo group over all ranks with its own timeout, for the checkpoint save path: its collectives may
-    run in a background thread (never interleaved with training's on the default group) and may wait out a
-    storage outage."""
+    run in a background thread, never interleaved with training's on the default group."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return None
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's share of a ``finish_together`` failed (its own log says why)."""
+
+
+def finish_together(work: Callable[[], T], group, poll_s: float) -> T:
+    """``work()`` on every rank of ``group``; returns once every rank's work has finished. Meanwhile the ranks meet
+    every ``poll_s`` in a small collective of ``group``, each bounded by the group's timeout: one rank's long work
+    (an upload retried through a storage outage) keeps the others waiting as long as it takes, while a lost or
+    partitioned rank fails them within that timeout. A rank whose work raised re-raises it; the others raise
+    PeerFailed naming it. ``poll_s`` must be well under the group's timeout."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return work()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:   # re-raised in the caller's thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True, name="finish-together")
+    worker.start()
+    while True:
+        worker.join(poll_s)
+        # (still working, 1 + the rank whose work failed): MAX over ranks
+        flags = torch.tensor([float(worker.is_alive()), 0.0 if "error" not in outcome else 1.0 + dist.get_rank()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        if flags[0] == 0:
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    if flags[1] > 0:
+        raise PeerFailed(f"rank {int(flags[1]) - 1} failed (see its log)")
+    return outcome["value"]

@@ -53,7 +53,7 @@ class MetricsLog:
         self.url, self.writer = url, writer
         self.lines = [line for line in writer.call(lambda: _read_text(url), url, "read").splitlines() if line]
         self._lock = threading.Lock()
-        self._uploads = PeriodicUpload(self._upload, flush_every_s, "metrics-upload")
+        self._uploads = PeriodicUpload(self._upload, flush_every_s, "metrics-upload", url, writer.longest_call_s)
 
     def write(self, record: dict[str, Any]) -> None:
         self._uploads.raise_if_failed()
@@ -67,12 +67,14 @@ class MetricsLog:
         self._uploads.mark_pending()
 
     def flush(self) -> None:
-        """Upload what is buffered now, bounded by the writer. Before a checkpoint: once a step is committed it is
-        never trained again, so its record must be up before a crash could lose it."""
+        """Upload what is buffered now, bounded by the writer (an upload under way is waited for as long as the
+        writer lets it run). Before a checkpoint: once a step is committed it is never trained again, so its record
+        must be up before a crash could lose it."""
         self._uploads.flush()
 
     def close(self, raise_errors: bool = True) -> None:
-        """Upload what is buffered (bounded by the writer) and stop; ``raise_errors=False`` on a failure path."""
+        """Upload what is buffered (bounded by the writer) and stop; ``raise_errors=False`` on a failure path (a
+        store already down past its limit gets one short attempt)."""
         self._uploads.close(raise_errors)
 
     def _upload(self) -> None:

@@ -4,11 +4,15 @@ it writes anything and renews while it trains.
 Without it, a run whose submitting process died (``--cluster local``: the job's processes live on) kept training,
 and a rerun trained a second copy into the same directory: interleaved metrics, shared step directories. A lease
 is free when it is absent, released, not renewed within its ``ttl_s`` (the holder died on another host), held by
-a dead process of this host, held by a SLURM job that SLURM says has ended (a job whose node died, or that srun
-killed, never released its lease), or held by an earlier instance of the same SLURM job (a requeued job restarts
-after its old instance has ended). Otherwise a second writer is refused with the holder's identity; a job taking
-the lease first waits (up to ``ttl_s``) while SLURM cannot say whether the holding job has ended (it is still
-COMPLETING, or slurmctld does not answer).
+a dead process of this host, held by a SLURM job that SLURM says has ended (a job that srun killed, or that its
+failing task ended, never released its lease), or held by an earlier instance of the same SLURM job (a requeued
+job restarts after its old instance has ended). Otherwise a second writer is refused with the holder's identity;
+a job taking the lease first waits (up to ``ttl_s``) while SLURM cannot say whether the holding job has ended (it
+is still COMPLETING, or slurmctld does not answer).
+
+A SLURM job that SLURM requeued (its node failed: NODE_FAIL; or it requeued itself to outlive a preemption or its
+time limit) keeps its lease while it waits in the queue, however old the lease: it resumes the run by itself when
+it starts again. A manual resume meanwhile is refused, naming the job and how to take over (cancel it first).
 
 Object stores have no compare-and-swap: two writers that start within the same second could both write the lease.
 The renewal thread reads it back every ``ttl_s / 4``; a writer that finds another holder there stops at its next
@@ -39,26 +43,24 @@ class RunDirBusy(ConfigError):
     """Another live job writes this run directory (exit code 2: nothing was written)."""
 
 
-# squeue's states of a job that will not run again (a requeued job is PENDING: it will)
+# squeue's states of a job that will not run again, and of one that SLURM requeued and that will run again
 SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                "PREEMPTED", "TIMEOUT"}
+SLURM_REQUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"}
 
 
-def _slurm_job_ended(job_id: str) -> bool | None:
-    """True when SLURM answers that the job has ended or no longer knows it; False when it runs or waits to; None
-    when it is still ending (COMPLETING: its processes are being stopped) or SLURM cannot be asked (a busy or
-    unreachable slurmctld)."""
+def slurm_job_state(job_id: str) -> tuple[str, str] | None:
+    """(state, reason) of a job as squeue reports them; ("", "") when SLURM no longer knows the job; None when
+    SLURM cannot be asked (a busy or unreachable slurmctld, no squeue)."""
     try:
-        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T"], capture_output=True,
+        out = subprocess.run(["squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T|%r"], capture_output=True,
                              text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
-        return True if "invalid job id" in out.stderr.lower() else None
-    states = set(out.stdout.split())
-    if "COMPLETING" in states:
-        return None
-    return not states or states <= SLURM_ENDED
+        return ("", "") if "invalid job id" in out.stderr.lower() else None
+    state, _, reason = out.stdout.strip().partition("|")
+    return state, reason
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -85,17 +87,31 @@ class RunLease:
             return None
 
     def _free(self, held: dict | None) -> bool | None:
-        """True: free; False: a live holder has it; None: a SLURM job holds it that SLURM cannot yet say ended."""
+        """True: free; False: a live holder has it; None: a SLURM job holds it that SLURM cannot yet say ended.
+        Raises RunDirBusy, saying so, when the holder is a SLURM job that SLURM requeued."""
         if held is None or held.get("holder") == self.record["holder"]:
             return True
+        held_job = held.get("slurm_job_id")
+        if held_job and held_job == self.record["slurm_job_id"]:
+            return True
+        unknown = False
+        if held_job:   # asked before the expiry: a requeued job's lease stays held, however old
+            state = slurm_job_state(held_job)
+            if state is not None and (not state[0] or state[0] in SLURM_ENDED):
+                return True
+            if state is not None and state[0] in SLURM_REQUEUED:
+                raise RunDirBusy(self._requeued_message(held_job, *state))
+            unknown = state is None or state[0] == "COMPLETING"
         if time.time() - held.get("renewed", 0) > self.ttl_s:
             return True
         if held.get("host") == self.record["host"]:
             return held.get("pid") == self.record["pid"] or not _process_alive(held["pid"], held.get("started", 0))
-        held_job = held.get("slurm_job_id")
-        if held_job and held_job == self.record["slurm_job_id"]:
-            return True
-        return _slurm_job_ended(held_job) if held_job else False
+        return None if unknown else False
+
+    def _requeued_message(self, job: str, state: str, reason: str) -> str:
+        return (f"run.run_dir: {self.url.rsplit('/', 1)[0]} belongs to SLURM job {job}, which SLURM requeued "
+                f"({state}{', ' + reason if reason and reason != 'None' else ''}): it resumes this run by itself "
+                f"when it starts again. To take over instead, cancel it (scancel {job}), then resubmit with --resume")
 
     def _write(self) -> None:
         write_bytes_atomic(self.url, json.dumps({**self.record, "renewed": time.time()}).encode())
@@ -138,13 +154,24 @@ class RunLease:
             except Exception as err:   # a store outage: the checkpoint path decides when the run must stop
                 warnings.warn(f"could not renew the run lease {self.url}: {type(err).__name__}: {err}", stacklevel=1)
 
-    def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+    def _stop_renewing(self) -> bool:
+        """Whether it was renewing (held)."""
         self._stop.set()
         if self._renewer is None:
-            return
+            return False
         self._renewer.join(timeout=5)
         self._renewer = None
+        return True
+
+    def keep_for_requeue(self) -> None:
+        """Stop renewing but leave the lease: this SLURM job leaves to be requeued, its next instance takes the
+        lease over, and until then a manual resume is refused, naming the job (``release`` then does nothing)."""
+        self._stop_renewing()
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still ours."""
+        if not self._stop_renewing():
+            return
 
         def remove_if_ours():
             held = self._read()

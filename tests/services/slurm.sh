@@ -5,6 +5,14 @@
 #   sudo bash tests/services/slurm.sh up      # install if needed and start everything below
 #   sudo bash tests/services/slurm.sh down    # stop, by PID, only what `up` started; delete its namespaces
 #
+# Drills on the hosts of `multi` (the multi-host tests use them):
+#   ... cut-links | heal-links      drop | restore the traffic between the hosts; each still reaches this side
+#                                   (slurmctld, the tests' S3 server): a network partition between the hosts
+#   ... lose-host mf-n1             the host dies: its link goes down, every process in it is killed (no peer
+#                                   hears a connection close), and slurmctld marks it DOWN at once, as it does
+#                                   itself once SlurmdTimeout (30 s) passes without an answer
+#   ... revive-host mf-n1           its link up and its slurmd started again; back to idle
+#
 # What `up` makes:
 #   - partition `debug` (the default): this machine's own slurmd, node <hostname> at 127.0.0.1;
 #   - partition `multi`: $SLURM_HOSTS (default 2) compute hosts mf-n1, mf-n2, ... Each is a Linux network
@@ -62,9 +70,50 @@ remove_hosts() {   # ours by name: the hosts this script makes are mf-n1..mf-n<S
   [ -f "$BASE/bridge" ] && ip link del "$BRIDGE" 2>/dev/null && rm -f "$BASE/bridge"
   return 0
 }
+start_host_slurmd() {   # start_host_slurmd <host>
+  # its own network, host name (UTS) and /etc/hosts (a mount namespace). Not `ip netns exec`: it remounts /sys,
+  # hiding /sys/fs/cgroup, and slurmd then refuses to start.
+  local ns=$1
+  mkdir -p "$BASE/spool/$ns"
+  setsid nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private sh -c \
+    "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $ns && exec /usr/sbin/slurmd -N $ns" \
+    </dev/null >"$BASE/log/slurmd-$ns.out" 2>&1
+}
+wait_for() {   # wait_for <tenths of a second> <command...>: bounded poll; the command's status at the end
+  local n=$1; shift
+  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  "$@" >/dev/null 2>&1
+}
+idle() { [ "$(timeout 5 sinfo -h -n "$1" -o '%t' 2>/dev/null)" = idle ]; }
+our_host() {   # our_host <name>: one of the hosts `up` made, or exit 2
+  grep -qx "$1" "$BASE/namespaces" 2>/dev/null || { echo "$0: $1 is not a host of this cluster" >&2; exit 2; }
+}
+isolate_links() {   # isolate_links on|off: bridge ports in isolation reach the bridge (this side), not each other
+  local ns
+  for ns in $(sort -u "$BASE/namespaces"); do bridge link set dev "$ns-br" isolated "$1"; done
+}
+
 [ "$CMD" = down ] && { down; exit 0; }
-[ "$CMD" = up ] || { echo "usage: $0 up|down" >&2; exit 2; }
+case "$CMD" in up|cut-links|heal-links|lose-host|revive-host) ;; *)
+  echo "usage: $0 up|down|cut-links|heal-links|lose-host HOST|revive-host HOST" >&2; exit 2;; esac
 [ "$(id -u)" = 0 ] || { echo "$0: run as root (the daemons, namespaces and /etc/slurm need it)" >&2; exit 2; }
+case "$CMD" in
+  cut-links) isolate_links on; exit 0;;
+  heal-links) isolate_links off; exit 0;;
+  lose-host)
+    our_host "${2:-}"
+    ip link set "$2-br" down
+    for pid in $(ip netns pids "$2"); do kill -KILL "$pid" 2>/dev/null; done
+    timeout 20 scontrol update NodeName="$2" State=DOWN Reason="lost host (slurm.sh lose-host)"
+    exit 0;;
+  revive-host)   # (a host that was not lost is left as it is)
+    our_host "${2:-}"
+    ip link set "$2-br" up
+    for pid in $(ip netns pids "$2"); do [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = slurmd ] && exit 0; done
+    start_host_slurmd "$2"
+    wait_for 300 idle "$2" || { echo "SLURM node $2 not idle" >&2; sinfo -R; exit 1; }
+    exit 0;;
+esac
 
 started=$(date +%s)
 mkdir -p "$BASE"/{state,spool,log}
@@ -76,12 +125,6 @@ if [ -n "$need" ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurm-wlm munge $need >/dev/null
 fi
-wait_for() {   # wait_for <tenths of a second> <command...>: bounded poll; the command's status at the end
-  local n=$1; shift
-  for _ in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-  "$@" >/dev/null 2>&1
-}
-
 # ---- munge
 mkdir -p /run/munge /var/lib/munge /var/log/munge /etc/munge
 chown munge:munge /run/munge /var/lib/munge /var/log/munge /etc/munge
@@ -223,17 +266,9 @@ if ! pgrep -x slurmctld >/dev/null; then
 else
   timeout 20 scontrol reconfigure
 fi
-idle() { [ "$(timeout 5 sinfo -h -n "$1" -o '%t' 2>/dev/null)" = idle ]; }
 [ -f "$BASE/slurmd-$HOST.pid" ] && kill -0 "$(cat "$BASE/slurmd-$HOST.pid")" 2>/dev/null \
   || setsid /usr/sbin/slurmd </dev/null >"$BASE/log/slurmd-$HOST.out" 2>&1
-for ns in "${NODES[@]}"; do
-  # its own network, host name (UTS) and /etc/hosts (a mount namespace). Not `ip netns exec`: it remounts /sys,
-  # hiding /sys/fs/cgroup, and slurmd then refuses to start.
-  mkdir -p "$BASE/spool/$ns"
-  setsid nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private sh -c \
-    "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $ns && exec /usr/sbin/slurmd -N $ns" \
-    </dev/null >"$BASE/log/slurmd-$ns.out" 2>&1
-done
+for ns in "${NODES[@]}"; do start_host_slurmd "$ns"; done
 for node in "$HOST" "${NODES[@]}"; do
   wait_for 300 idle "$node" || { echo "SLURM node $node not idle" >&2; sinfo -R; tail -n 20 "$BASE"/log/slurm*.log; exit 1; }
 done

@@ -13,8 +13,16 @@ import threading
 import warnings
 from typing import Optional
 
-from ..storage import join, write_bytes_atomic
-from .layout import COMMIT, PIN, Scan, step_dir
+from ..storage import join
+from .layout import COMMIT, DAMAGED, Scan, step_dir
+
+
+def remove_if_present(fs, path: str, recursive: bool = False) -> None:
+    """Remove ``path``; one already gone is no error (a deletion killed midway, a job that ran twice)."""
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
 
 
 def steps_to_keep(commits: dict[int, dict], keep_last: int, keep_every: int, pinned: set[int]) -> set[int]:
@@ -32,8 +40,8 @@ def steps_to_keep(commits: dict[int, dict], keep_last: int, keep_every: int, pin
 
 
 class Retention:
-    """Mixed into ``CheckpointStore``, which provides ``fs``, ``path``, ``keep_last``, ``keep_every``,
-    ``step_url(step)`` and ``scan()``."""
+    """Mixed into ``CheckpointStore``, which provides ``fs``, ``path``, ``keep_last``, ``keep_every``, ``pins``
+    and ``scan()``."""
 
     _pruner: Optional[threading.Thread] = None
 
@@ -58,8 +66,9 @@ class Retention:
             warnings.warn(f"checkpoint retention pass failed: {type(err).__name__}: {err}", stacklevel=1)
 
     def prune(self, committed: Optional[int] = None) -> None:
-        """Delete the committed steps that ``steps_to_keep`` does not keep, and the uncommitted step directories
-        older than ``committed`` (the step this writer committed last; default: the newest committed step)."""
+        """Delete the committed steps that ``steps_to_keep`` does not keep, and the step directories older than
+        ``committed`` (the step this writer committed last; default: the newest committed step) that are not
+        intact commits: uncommitted or damaged. Pinned steps stay."""
         scan: Scan = self.scan()
         keep = steps_to_keep(scan.committed, self.keep_last, self.keep_every, scan.pinned)
         newest = max(scan.committed, default=-1) if committed is None else committed
@@ -78,18 +87,17 @@ class Retention:
             self._delete_step(newer, keep_files=newer in scan.pinned)
 
     def _delete_step(self, step: int, keep_files: bool = False) -> None:
-        """COMMIT first, so a half-deleted step is never taken for committed; a part already gone is no error."""
+        """The records first (COMMIT, DAMAGED), so a half-deleted step is never taken for committed or damaged; a
+        part already gone is no error."""
         directory = join(self.path, step_dir(step))
-        parts = [(join(directory, COMMIT), False)] + ([] if keep_files else [(directory, True)])
-        for path, recursive in parts:
-            try:
-                self.fs.rm(path, recursive=recursive)
-            except FileNotFoundError:
-                pass
+        for record in (COMMIT, DAMAGED):
+            remove_if_present(self.fs, join(directory, record))
+        if not keep_files:
+            remove_if_present(self.fs, directory, recursive=True)
 
     def pin(self, step: int, reason: str) -> None:
-        """Protect a step from retention (an evaluation reading it, a rollback target) until ``unpin``."""
-        write_bytes_atomic(join(self.step_url(step), PIN), reason.encode())
+        """Protect a step from retention (an evaluation scheduled for it) until ``unpin``."""
+        self.pins.pin(step, reason)
 
     def unpin(self, step: int) -> None:
-        self.fs.rm(join(self.path, step_dir(step), PIN))
+        self.pins.unpin(step)

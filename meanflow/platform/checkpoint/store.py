@@ -5,20 +5,25 @@ Layout of ``<url>/step-00001234/``:
 - ``engine/``                               sharded engines write their own files (fsdp2: torch.distributed.checkpoint;
                                             deepspeed: its save_checkpoint); each rank stages locally, then uploads
 - ``train_state.pt``                         step, every rank's RNG states, the data position of every reader, …
-- ``COMMIT.json``                            written last, by rank 0, after a barrier: step, ``healthy``, metadata,
+- ``COMMIT.json``                            written last, by rank 0, after every upload: step, ``healthy``, metadata,
                                             and every file's size and sha256 (hashed from the bytes as uploaded)
 
-Only a directory with a readable COMMIT whose files all have their recorded sizes counts (``steps()``: one listing,
-no downloads); an empty or truncated COMMIT is a damaged commit, skipped with a warning. A commit is immutable:
-saving a committed step again is refused. ``load`` verifies every sha256 before anything is deserialised
-(``torch.load(weights_only=True)``; DCP and DeepSpeed unpickle their own files only after the check). Resuming from
-"latest" falls back to the previous committed step, with a warning, when a file fails its check; loading a named
-step fails loudly. Uploads are bounded (``upload.py``); retention is ``retention.py``.
+``verdict(step)`` is the one judgement of a step, used by every path: an intact commit (a readable COMMIT, every
+file it lists present at its recorded size; ``load`` adds every sha256), damaged (says what is wrong), or
+uncommitted. ``steps()`` lists the intact ones (one listing, no downloads but the COMMIT records). An intact commit
+is immutable: saving it again is refused. ``load`` verifies every sha256 before anything is deserialised
+(``torch.load(weights_only=True)``; DCP and DeepSpeed unpickle their own files only after the check); loading a
+named step fails loudly. Every damaged step the writer (rank 0) meets is named in a warning and in
+``take_damage_reports()`` (the trainer's events); resuming from "latest" sets the damaged ones aside (COMMIT.json
+becomes DAMAGED.json, with what is wrong; the files stay for inspection until retention) and falls back to the
+previous intact step, so that training saves the damaged step anew when it gets there. Uploads are bounded
+(``upload.py``); retention is ``retention.py``; pins are ``pins.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import io
 import json
@@ -29,16 +34,29 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from ..distributed import all_gather_objects, barrier, new_group_like_world
+from ..distributed import all_gather_objects, finish_together, new_group_like_world
 from ..storage import filesystem, join, read_bytes
 from .faults import fault_point
-from .layout import COMMIT, PIN, STEP_DIR, Scan, step_dir
-from .retention import Retention
+from .layout import COMMIT, DAMAGED, PIN, STEP_DIR, Scan, Verdict, parse_commit, size_damage, step_dir
+from .pins import Pins
+from .retention import Retention, remove_if_present
 from .upload import BoundedWriter, OneInFlight
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointDamaged(CheckpointError):
+    """A step whose COMMIT record or files are damaged; ``damage`` says what is wrong (e.g. "model.pt: sha256
+    mismatch"). Unlike other refusals (no commit; another engine's format), it makes the step one to set aside."""
+
+    def __init__(self, url: str, damage: str):
+        super().__init__(f"{url} is damaged: {damage}")
+        self.url, self.damage = url, damage
+
+    def __reduce__(self):   # gathered from every rank as an object
+        return type(self), (self.url, self.damage)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -64,31 +82,23 @@ def _engine_dir(verified: Iterable[tuple[str, bytes]]) -> Iterator[str]:
         yield tmp
 
 
-def _parse_commit(data: bytes) -> Optional[dict]:
-    """The COMMIT record, or None when ``data`` is not one (empty, truncated, not this store's record)."""
-    try:
-        commit = json.loads(data)
-    except ValueError:   # JSONDecodeError, UnicodeDecodeError
-        return None
-    if not (isinstance(commit, dict) and "format" in commit and isinstance(commit.get("files"), dict)):
-        return None
-    if not all(isinstance(meta, dict) and {"bytes", "sha256"} <= meta.keys() for meta in commit["files"].values()):
-        return None
-    return commit
-
-
 class CheckpointStore(Retention):
     def __init__(self, url: str, keep_last: int = 3, keep_every: int = 0, rank: int = 0,
                  upload_timeout_s: float = 300.0, max_outage_s: float = 1800.0, backoff_s: float = 1.0,
-                 async_save: bool = False):
+                 async_save: bool = False, collective_timeout_s: float = 600.0):
         self.url, self.keep_last, self.keep_every, self.rank = url.rstrip("/"), keep_last, keep_every, rank
         self.async_save = async_save
         self.fs, self.path = filesystem(self.url)
         self.writer = BoundedWriter("checkpoint", upload_timeout_s, max_outage_s, backoff_s)
+        self.pins = Pins(self.url, self.writer)
         self._uploads = OneInFlight()
-        # The save path's own group, also for synchronous saves: its collectives wait while a rank retries an
-        # upload, for up to max_outage_s, longer than the training group's timeout allows.
-        self._group = new_group_like_world(timeout_s=max_outage_s + 2 * upload_timeout_s + 120)
+        self._damage_named: set[tuple[int, str]] = set()   # each damage is reported once per store
+        self._damage_reports: list[tuple[int, str]] = []
+        # The save path's own group, also for synchronous saves. Its ranks wait for each other's uploads (retried
+        # for up to max_outage_s) in polls, each bounded by the collective timeout: a lost peer fails a save in
+        # that time, not after the outage allowance.
+        self._group = new_group_like_world(timeout_s=collective_timeout_s)
+        self._poll_s = min(5.0, collective_timeout_s / 4)
 
     @property
     def upload_retries(self) -> int:
@@ -108,11 +118,10 @@ class CheckpointStore(Retention):
         """Collective: every rank calls it. Stages this rank's files in memory (the engine state as it is now),
         then uploads them and commits: in this thread, or with ``async_save`` in a background thread while
         training goes on. At most one upload is in flight: a save first waits for the previous one. A step that is
-        already committed is refused (CheckpointError): a commit is never rewritten."""
+        an intact commit is refused (CheckpointError): a commit is never rewritten; a damaged one is saved anew."""
         self.wait()
-        # Rank 0 looks (one read, not one per rank) and every rank follows its answer: all refuse, or none.
-        if all_gather_objects(self.rank == 0 and self.writer.call(lambda: self._committed_else_cleared(step),
-                                                                  self.step_url(step)))[0]:
+        # Rank 0 looks (one listing, not one per rank) and every rank follows its answer: all refuse, or none.
+        if all_gather_objects(self.rank == 0 and self._intact_else_cleared(step))[0]:
             raise CheckpointError(f"{self.step_url(step)} is already committed; a commit is immutable, refusing "
                                   "to rewrite it")
         staged = self._stage(engine, train_state)
@@ -136,23 +145,20 @@ class CheckpointStore(Retention):
             warnings.warn(f"checkpoint retention pass in {self.url} still running after {timeout_s:g}s; the next "
                           "run's first commit finishes it", stacklevel=2)
 
-    def _committed_else_cleared(self, step: int) -> bool:
-        """True when ``step`` is committed. Otherwise a directory of it, left by a writer killed mid-save (whose
-        world may have had more ranks: their shards would lie beside this save's files), is removed before any
-        rank writes; a pinned one is left, its files being read."""
-        if self._commit_exists(step):
+    def _intact_else_cleared(self, step: int) -> bool:
+        """True when ``step`` is an intact commit. Otherwise its directory, left by a writer killed mid-save (whose
+        world may have had more ranks: their shards would lie beside this save's files) or holding a damaged
+        commit (reported), is removed before any rank writes; a pinned one keeps its files (being read) and loses
+        only its records."""
+        sizes = self._files(step)
+        verdict = self.verdict(step, sizes)
+        if verdict.intact:
             return True
-        directory = join(self.path, step_dir(step))
-        self.fs.invalidate_cache()
-        if self.fs.exists(directory) and not self.fs.exists(join(directory, PIN)):
-            self._delete_step(step)
+        if verdict.damage and not verdict.set_aside:
+            self._report_damage(step, verdict.damage)
+        if sizes:
+            self.writer.call(lambda: self._delete_step(step, keep_files=PIN in sizes), self.step_url(step), "clear")
         return False
-
-    def _commit_exists(self, step: int) -> bool:
-        try:
-            return self._commit(step) is not None
-        except CheckpointError:   # a damaged COMMIT is no commit: the step may be saved again
-            return False
 
     def _stage(self, engine, train_state: dict[str, Any]) -> dict[str, bytes]:
         """This rank's files as bytes. Replicated engines: rank 0 serialises each state component. Sharded
@@ -171,61 +177,121 @@ class CheckpointStore(Retention):
 
     def _upload_and_commit(self, step: int, staged: dict[str, bytes], fmt: str, metadata: dict[str, Any],
                            healthy: bool) -> None:
-        files = {}
-        for name, data in staged.items():
-            files.update(self._put(step, name, data))
+        def upload() -> dict[str, dict]:
+            files = {}
+            for name, data in staged.items():
+                files.update(self._put(step, name, data))
+            return files
+
+        def commit() -> None:
+            if self.rank == 0:
+                fault_point("before-commit")
+                merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
+                record = {"step": step, "healthy": healthy, "format": fmt, "files": merged, "metadata": metadata}
+                self.writer.write(join(self.step_url(step), COMMIT), json.dumps(record, indent=1).encode())
+                self.prune_in_background(step)
+
         # The uploads' own process group: a background thread must not interleave collectives with training's.
-        every_rank_files = all_gather_objects(files, group=self._group)
-        barrier(group=self._group)                   # every shard is up before anyone can see a COMMIT
-        if self.rank == 0:
-            fault_point("before-commit")
-            merged = {k: v for rank_files in every_rank_files for k, v in rank_files.items()}
-            commit = {"step": step, "healthy": healthy, "format": fmt, "files": merged, "metadata": metadata}
-            self.writer.write(join(self.step_url(step), COMMIT), json.dumps(commit, indent=1).encode())
-            self.prune_in_background(step)
-        barrier(group=self._group)
+        # Every shard is up before anyone can see a COMMIT, and no rank goes on before it is written.
+        every_rank_files = all_gather_objects(finish_together(upload, self._group, self._poll_s), group=self._group)
+        finish_together(commit, self._group, self._poll_s)
 
     # ------------------------------------------------------------------------------------------------ find
-    def _commit(self, step: int) -> Optional[dict]:
-        """The step's COMMIT record; None when it has none; CheckpointError when its COMMIT is damaged."""
-        url = join(self.step_url(step), COMMIT)
-        try:
-            data = read_bytes(url)
-        except FileNotFoundError:
-            return None
-        commit = _parse_commit(data)
+    def _read_record(self, step: int, name: str) -> Optional[bytes]:
+        """A record of the step's directory (COMMIT, DAMAGED); None when absent (deleted since it was listed)."""
+        def read() -> Optional[bytes]:
+            try:
+                return read_bytes(join(self.step_url(step), name))
+            except FileNotFoundError:
+                return None
+
+        return self.writer.call(read, join(self.step_url(step), name), "read")
+
+    def _files(self, step: int) -> dict[str, int]:
+        """The step directory's files (name -> bytes), one listing; empty when there is no such directory."""
+        directory = join(self.path, step_dir(step))
+
+        def listing() -> dict:
+            self.fs.invalidate_cache(directory)
+            try:
+                return self.fs.find(directory, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        found = self.writer.call(listing, self.step_url(step), "list")
+        return {p[len(directory):].strip("/"): info["size"] for p, info in found.items()}
+
+    def verdict(self, step: int, files: Optional[dict[str, int]] = None) -> Verdict:
+        """The one verdict on ``step``, from its records and each file COMMIT lists: present, at its recorded
+        size (``load`` adds the sha256). ``files``: the directory's files (name -> bytes) from a listing in hand;
+        listed here otherwise."""
+        files = self._files(step) if files is None else files
+        if COMMIT not in files:
+            return Verdict(damage=f"set aside: {self._set_aside_damage(step)}", set_aside=True) \
+                if DAMAGED in files else Verdict()
+        data = self._read_record(step, COMMIT)
+        if data is None:
+            return Verdict()
+        commit = parse_commit(data)
         if commit is None:
-            raise CheckpointError(f"{url} is damaged ({len(data)} bytes, not a commit record)")
-        return commit
+            return Verdict(damage=f"{COMMIT}: {len(data)} bytes, not a commit record")
+        damage = size_damage(commit, files)
+        return Verdict(damage=damage) if damage else Verdict(commit=commit)
+
+    def _set_aside_damage(self, step: int) -> str:
+        try:
+            return json.loads(self._read_record(step, DAMAGED))["damage"]
+        except (TypeError, ValueError, KeyError):   # gone since listed, not JSON, not our record
+            return f"{DAMAGED} unreadable"
 
     def scan(self) -> Scan:
-        """One listing (sizes included, no downloads but the COMMIT records): committed steps (COMMIT readable,
-        every file at its recorded size), every step directory present, and the pinned steps. A damaged COMMIT
-        makes its step uncommitted, with a warning."""
+        """One listing (sizes included, no downloads but the records): the verdict on every step directory, and
+        the pinned steps. Every damaged step not yet set aside is reported (``_report_damage``)."""
         self.fs.invalidate_cache(self.path)   # first: even the existence check may answer from a stale listing
         if not self.fs.exists(self.path):
-            return Scan({}, set(), set())
+            return Scan({}, set())
         listing = self.fs.find(self.path, detail=True)
-        sizes = {p[len(self.path):].strip("/"): info["size"] for p, info in listing.items()}
-        present, pinned, committed = set(), set(), {}
-        for key in sizes:
-            directory, _, name = key.partition("/")
-            if not (match := STEP_DIR.match(directory)):
-                continue
-            step = int(match.group(1))
-            present.add(step)
-            if name == PIN:
-                pinned.add(step)
-            if name != COMMIT:
-                continue
-            try:
-                commit = self._commit(step)
-            except CheckpointError as err:
-                warnings.warn(f"checkpoint step {step} is not committed: {err}", stacklevel=2)
-                continue
-            if commit and all(sizes.get(f"{directory}/{f}") == meta["bytes"] for f, meta in commit["files"].items()):
-                committed[step] = commit
-        return Scan(dict(sorted(committed.items())), present, pinned)
+        files: dict[int, dict[str, int]] = {}
+        for path, info in listing.items():
+            directory, _, name = path[len(self.path):].strip("/").partition("/")
+            if match := STEP_DIR.match(directory):
+                files.setdefault(int(match.group(1)), {})[name] = info["size"]
+        verdicts = {step: self.verdict(step, names) for step, names in sorted(files.items())}
+        for step, verdict in verdicts.items():
+            if verdict.damage and not verdict.set_aside:
+                self._report_damage(step, verdict.damage)
+        return Scan(verdicts, {step for step, names in files.items() if PIN in names})
+
+    def _report_damage(self, step: int, damage: str) -> None:
+        """Rank 0 names each damaged step once per store: a warning, and a report for ``take_damage_reports``."""
+        if self.rank != 0 or (step, damage) in self._damage_named:
+            return
+        self._damage_named.add((step, damage))
+        self._damage_reports.append((step, damage))
+        warnings.warn(f"checkpoint {self.step_url(step)} is damaged ({damage}); skipped", stacklevel=2)
+
+    def take_damage_reports(self) -> list[tuple[int, str]]:
+        """The damaged steps (step, what is wrong) reported since the last call, for the run's events."""
+        reports, self._damage_reports = self._damage_reports, []
+        return reports
+
+    def set_aside(self, step: int, damage: str) -> None:
+        """Rank 0: a damaged step stops being a commit: COMMIT.json becomes DAMAGED.json (its record, and what is
+        wrong), written before COMMIT.json is removed, so a writer killed in between leaves the step damaged, never
+        committed. The files stay for inspection until retention (or a new save of the step) removes them. A copy
+        and a delete of one small object: object stores cannot rename a directory."""
+        if self.rank != 0:
+            return
+        record = self._read_record(step, COMMIT)
+        if record is None:
+            return
+        self._report_damage(step, damage)
+        aside = {"damage": damage, "set_aside": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "commit": record.decode(errors="replace")}
+        self.writer.write(join(self.step_url(step), DAMAGED), json.dumps(aside, indent=1).encode())
+        path = join(self.path, step_dir(step), COMMIT)
+        self.writer.call(lambda: remove_if_present(self.fs, path), self.step_url(step), "set aside")
+        warnings.warn(f"checkpoint {self.step_url(step)} set aside: its {COMMIT} is now {DAMAGED}", stacklevel=2)
 
     def commits(self) -> dict[int, dict]:
         """Committed steps and their COMMIT records (COMMIT present, every file at its recorded size)."""
@@ -240,17 +306,19 @@ class CheckpointStore(Retention):
 
     # ------------------------------------------------------------------------------------------------ load
     def _verified_bytes(self, step: int, commit: dict, name: str) -> bytes:
-        url = join(self.step_url(step), name)
-        data = read_bytes(url)
+        data = read_bytes(join(self.step_url(step), name))
         if hashlib.sha256(data).hexdigest() != commit["files"][name]["sha256"]:
-            raise CheckpointError(f"{url}: sha256 differs from COMMIT.json; refusing to load it")
+            raise CheckpointDamaged(self.step_url(step), f"{name}: sha256 mismatch")
         return data
 
     def _committed(self, step: int) -> dict:
-        commit = self._commit(step)
-        if commit is None:
+        """The COMMIT record of an intact step; CheckpointDamaged, or CheckpointError when it is uncommitted."""
+        verdict = self.verdict(step)
+        if verdict.damage:
+            raise CheckpointDamaged(self.step_url(step), verdict.damage)
+        if not verdict.intact:
             raise CheckpointError(f"{self.step_url(step)}: no {COMMIT} (not a committed checkpoint)")
-        return commit
+        return verdict.commit
 
     def _verify(self, step: int, engine) -> tuple[dict, dict[str, bytes]]:
         """(COMMIT, every file's bytes), each checked against its sha256; raises CheckpointError otherwise."""
@@ -275,10 +343,10 @@ class CheckpointStore(Retention):
         try:
             commit, verified, error = *self._verify(step, engine), None
         except CheckpointError as err:
-            commit, verified, error = None, None, str(err)
+            commit, verified, error = None, None, err
         errors = [e for e in all_gather_objects(error) if e]
         if errors:
-            raise CheckpointError(errors[0])
+            raise errors[0]
         return self._apply(commit, verified, engine)
 
     def load_weights(self, step: int, template: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -304,13 +372,19 @@ class CheckpointStore(Retention):
         return state[which], which
 
     def load_latest(self, engine) -> tuple[Optional[int], dict, dict]:
-        """Newest committed step that passes verification; a failing one is skipped with a warning.
-        Returns (step, train_state, metadata), or (None, {}, {}) when there is none."""
-        for step in all_gather_objects(list(reversed(self.steps())))[0]:   # rank 0's listing, on every rank
+        """Newest intact step that passes verification, as (step, train_state, metadata), or (None, {}, {}) when
+        there is none. Every damaged step met on the way (by the listing, or by a sha256) is set aside by rank 0,
+        so that training saves it anew when it gets there."""
+        scan = self.scan()
+        for step, verdict in scan.damaged.items():
+            if not verdict.set_aside:
+                self.set_aside(step, verdict.damage)
+        for step in all_gather_objects(list(reversed(scan.committed)))[0]:   # rank 0's listing, on every rank
             try:
                 train_state, metadata = self.load(step, engine)
                 return step, train_state, metadata
-            except CheckpointError as err:
-                warnings.warn(f"checkpoint step {step} is damaged ({err}); falling back to the previous one",
-                              stacklevel=2)
+            except CheckpointDamaged as err:
+                self.set_aside(step, err.damage)
+            except CheckpointError as err:   # not damage (e.g. another engine's format): skipped, left as it is
+                warnings.warn(f"checkpoint {self.step_url(step)} skipped: {err}", stacklevel=2)
         return None, {}, {}

@@ -40,7 +40,8 @@ class TensorBoardTracker(Tracker):
         else:
             self.local_dir = tempfile.mkdtemp(prefix="meanflow-tb-")
             self._uploaded_sizes: dict[str, int] = {}
-            self._uploads = PeriodicUpload(self._upload_grown_files, UPLOAD_EVERY_S, "tensorboard-upload")
+            self._uploads = PeriodicUpload(self._upload_grown_files, UPLOAD_EVERY_S, "tensorboard-upload", self.url,
+                                           writer.longest_call_s)
         self._open(start_step)
 
     def _open(self, start_step: int) -> None:
