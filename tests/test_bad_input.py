@@ -113,6 +113,10 @@ ROWS = {
     "digits-cnn-on-3-channel-data": Row(train("data.name=webdataset", "data.url={w.rgb_shards}", "model.in_channels=3",
                                               "model.num_classes=0", "eval.feature_extractor=digits-cnn"),
                                         lambda w: "eval.feature_extractor"),
+    "digits-cnn-on-3-channel-data-scheduled-evaluations-only": Row(
+        train("data.name=webdataset", "data.url={w.rgb_shards}", "model.in_channels=3", "model.num_classes=0",
+              "eval.feature_extractor=digits-cnn", "eval.at_end=false", "eval.every=10"),
+        lambda w: "eval.feature_extractor"),
     "pixel-flip-on-data-it-cannot-flip": Row(train("data.pixel_flip=true"), lambda w: "data.pixel_flip"),
     "feature-extractor-changed-on-resume": Row(lambda w: [*train("data.global_batch=16")(w), "--run-dir",
                                                           str(w.trained), "eval.feature_extractor=digits-cnn"],

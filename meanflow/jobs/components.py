@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from meanflow.data_pipeline import build_stream
-from meanflow.evaluation.evaluator import Evaluator, describe_data
+from meanflow.evaluation.evaluator import Evaluator, describe_data, feature_extractor_for
 from meanflow.evaluation.sampling import sampling_setting
 from meanflow.models import build_model, count_parameters
 from meanflow.models.decoupled_init import init_from_flow_model
@@ -153,8 +153,8 @@ def check_buildable(cfg: DictConfig, world_size: int) -> None:
     """What building the components would refuse that the config and its inputs decide, checked where
     ``jobs/submit.py`` runs (no GPU, no job): rank 0's data stream against the model and ``world_size``; the
     model, with model.init_from's weights, and split_mf's teacher, built on the meta device (shapes checked, no
-    memory taken); the sampling settings (read by every later evaluation, whether or not this run evaluates) and
-    the end-of-run evaluator on the CPU."""
+    memory taken); the sampling settings and feature extractor (read by every later evaluation, whether or not
+    this run evaluates) and the end-of-run evaluator on the CPU."""
     data_stream(cfg, DistEnv(world_size=world_size)).close()
     start = starting_weights(cfg.model.init_from)
     with torch.device("meta"), warnings.catch_warnings():
@@ -169,6 +169,8 @@ def check_buildable(cfg: DictConfig, world_size: int) -> None:
         sampling_setting(cfg.eval)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    # the scheduled evaluations' extractor against the data, whether or not the run ends with one
+    feature_extractor_for(cfg.eval, describe_data(cfg.data, cfg.run.seed))
     end_of_run_evaluator(cfg, torch.device("cpu"), DistEnv())
 
 
