@@ -1,4 +1,4 @@
-"""Fidelity report: do the objectives behave as their papers say, at 2-D toy scale? (issue 9)
+"""Fidelity report: do the objectives behave as their papers say, at 2-D toy scale?
 
     python bench/fidelity.py [--quick] [--workers 2] [--out bench] [--only EXPERIMENT ...]
 

@@ -6,9 +6,9 @@
 A row is ``OBJECTIVE[+VARIANT...]``:
   +all       the JVP's tangent pass on every row (objective.jvp_all_rows) instead of only the rows with r ≠ t
   +naive     MF the way public PyTorch ports write it: torch.func.jvp over the whole model on every row, math
-             attention, no compile (the baseline of issue 8)
+             attention, no compile (the baseline)
   +two_pass  MF the peers' other way (NVlabs/FastGen, zhuyu-cs/MeanFlow): that JVP under no_grad for the target
-             only, then a grad forward with the default (SDPA) attention for u, then the backward (issue 16)
+             only, then a grad forward with the default (SDPA) attention for u, then the backward
   +math      attention inside the JVP forced to math (objective.jvp_attention=math; default auto = fused on GPU)
   +compiled  engine.compile=outside_jvp         +compiled_jvp  engine.compile=all (the JVP compiled too)
   +ckpt      engine.activation_checkpointing=true
@@ -229,7 +229,7 @@ def floor_in_forwards(cfg, name: str, variants: set[str]) -> float:
     with r ≠ t only (on every row for +all/+naive/+two_pass); each no-grad forward 1F (training CFG: 2, or 1 at
     κ = 0; iMF: 2; the EMA or boundary proxy of tangent_beta: 1); SG_λ's backward through the JVP 2F on those rows;
     stability 3F. The peers' MF computes no training CFG: +naive 4F (the JVP's primal is the forward); +two_pass 5F
-    (a no-grad JVP, primal 1F + tangent 1F, then its own forward and backward 3F). OBJECTIVES.md §7-§9: alphaflow
+    (a no-grad JVP, primal 1F + tangent 1F, then its own forward and backward 3F). docs/objectives.md: alphaflow
     1F more on its r < t rows unless α = 1 (the no-grad u(z_s, r, s), or at α = 0 the JVP's tangent); split_mf 2F
     more on its interval rows (two no-grad forwards), training CFG on its boundary rows only; dmf two branches
     (3F + 4F) with training CFG in each."""

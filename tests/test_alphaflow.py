@@ -1,7 +1,7 @@
-"""Specification of α-Flow (`alphaflow`, OBJECTIVES.md §7).
+"""Specification of α-Flow (`alphaflow`, docs/objectives.md).
 
 References are computed independently of the objective: central finite differences in float64 for MF's du/dt, the
-exact average velocity of point-mass data, and the §7 formulas written out by hand against the model.
+exact average velocity of point-mass data, and the α-Flow formulas written out by hand against the model.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def interval_draw(B=8, dim=2, seed=0):
 
 def hand_target(model, z, t, r, v, alpha, y=None, s_of=lambda a, t, r: a * r + (1 - a) * t,
                 zs_of=lambda a, z, t, r, v: z - bcast(a * (t - r), z) * v):
-    """§7 written out: α·ṽ + (1 − α)·u(z_s, r, s); s and z_s replaceable by wrong formulas."""
+    """α-Flow's training velocity written out: α·ṽ + (1 − α)·u(z_s, r, s); s and z_s replaceable by wrong formulas."""
     s = s_of(alpha, t, r)
     with torch.no_grad():
         return alpha * v + (1 - alpha) * model(zs_of(alpha, z, t, r, v), t=s, r=r, y=y)
@@ -227,7 +227,7 @@ def test_training_cfg_velocity_in_the_interval_target_and_dropped_rows_are_flow_
     a = torch.where(interval, alpha, 1.0).to(F64)
 
     def loss_and_grad_u(vel):
-        """The §7 loss against this training velocity, and its gradient in u (2·a/(‖Δ‖² + c)·Δ/B)."""
+        """The α-Flow loss against this training velocity, and its gradient in u (2·a/(‖Δ‖² + c)·Δ/B)."""
         target = torch.where(bcast(interval, x), hand_target(model, out.z, out.t, out.r, vel, alpha, y=y_model), vel)
         delta = out.u.detach() - target
         sq = per_sample_sq(delta)

@@ -1,4 +1,4 @@
-"""Specification of the consistency sampler (α-Flow's multi-step sampler, OBJECTIVES.md §7):
+"""Specification of the consistency sampler (α-Flow's multi-step sampler, docs/objectives.md):
 ``x̂ = z − t·u(z, r=0, t)``, then re-noise ``z ← (1 − t')·x̂ + t'·ε`` and repeat down the time grid;
 ``eval.sampler`` / ``eval.steps`` choose it in evaluation, and its results are recorded (and kept) apart from the
 flow map's."""

@@ -1,4 +1,4 @@
-"""Decoupled MeanFlow (OBJECTIVES.md §9): the decoupled MF-DiT, ``model.init_from`` and the ``dmf`` objective."""
+"""Decoupled MeanFlow (docs/objectives.md, dmf): the decoupled MF-DiT, ``model.init_from`` and the ``dmf`` objective."""
 
 from __future__ import annotations
 

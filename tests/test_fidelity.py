@@ -1,4 +1,4 @@
-"""The fidelity report (bench/fidelity.py, issue 9) and the pieces it added to the product. The report's claims are
+"""The fidelity report (bench/fidelity.py) and the pieces it added to the product. The report's claims are
 reported, not asserted: this only checks that ``--quick`` produces it with finite numbers."""
 
 from __future__ import annotations

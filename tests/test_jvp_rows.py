@@ -1,4 +1,4 @@
-"""The JVP's tangent pass runs only on rows with r ≠ t (issue 8): every objective's loss, stats and gradients
+"""The JVP's tangent pass runs only on rows with r ≠ t: every objective's loss, stats and gradients
 equal those of the JVP over every row (``objective.jvp_all_rows``), for MF-DiT, iMF-DiT (v-head and boundary) and
 the MLP, in float64."""
 

@@ -121,5 +121,5 @@ def test_no_import_circles():
 
 
 def test_the_repo_root_holds_no_platform_package():
-    """A top-level ``platform`` would shadow the standard library's module (DESIGN.md: one import namespace)."""
+    """A top-level ``platform`` would shadow the standard library's module (one import namespace: ``meanflow``)."""
     assert not (ROOT / "platform").exists() and not (ROOT / "platform.py").exists()

@@ -1,5 +1,5 @@
 """Specification of `meanflow.objectives`: the JVP helper, MF / SG_λ / stability / iMF / control-variate tangent,
-seeded randomness and the stats contract (OBJECTIVES.md is the authority for every formula checked here).
+seeded randomness and the stats contract (docs/objectives.md states every formula checked here).
 
 Reference values are computed independently of the library: central finite differences in float64 for du/dt and
 for parameter gradients, closed forms for linear maps and Gaussian data. The objectives draw (t, r) in float32,

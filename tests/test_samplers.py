@@ -1,4 +1,4 @@
-"""Specification of the samplers in `meanflow.objectives.samplers` (OBJECTIVES.md conventions):
+"""Specification of the samplers in `meanflow.objectives.samplers` (docs/objectives.md, sampling):
 1-NFE ``x̂ = z_1 − u(z_1, r=0, t=1)``; k-NFE on ``linspace(1, 0, k+1)`` with ``z ← z − (t_i − t_{i+1})·u(z, r=t_{i+1},
 t=t_i)``; the noise of sample i depends only on (seed, i)."""
 

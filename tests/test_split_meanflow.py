@@ -1,4 +1,4 @@
-"""SplitMeanFlow (``split_mf``, OBJECTIVES.md §8) and the pretrained-weights loader its teacher comes from.
+"""SplitMeanFlow (``split_mf``, docs/objectives.md) and the pretrained-weights loader its teacher comes from.
 
 The exactness check uses Gaussian data N(μ, σ_d²·I), whose flow map is known in closed form and curved (so a target
 mixing the two sub-interval velocities with the wrong weights is wrong by far more than rounding).
@@ -84,7 +84,7 @@ def test_swapping_lambda_and_one_minus_lambda_in_the_target_is_caught():
     u1 = model(z - bcast(t - s, z) * u2, t=s, r=r)
     swapped = bcast(lam, z) * u1 + bcast(1 - lam, z) * u2
     err = (swapped - model(z, t=t, r=r)).detach().norm(dim=1)
-    assert float(err.max()) > 1e-2 and float(err.median()) > 1e-4   # OBJECTIVES.md: 1e-3 … 0.4
+    assert float(err.max()) > 1e-2 and float(err.median()) > 1e-4   # the expected spread: 1e-3 … 0.4
     # ... while the objective's own mixture of the same draws is exact
     target = SplitMeanFlow(split_cfg()).split_target(model, z, t, r, lam, None)
     assert float((target - model(z, t=t, r=r).detach()).abs().max()) < 1e-10

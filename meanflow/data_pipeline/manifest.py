@@ -24,7 +24,7 @@ MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"
 FORMAT_VERSION = 1
 
-# Per-channel statistics of SD-VAE latents that iMF standardises by (OBJECTIVES.md §5), and MF's single scale.
+# Per-channel statistics of SD-VAE latents that iMF standardises by (docs/objectives.md, imf), and MF's single scale.
 IMF_CHANNEL_MEAN = (0.86488, -0.27787, 0.21617, 0.37384)
 IMF_CHANNEL_STD = (4.85504, 5.31922, 3.93725, 3.98700)
 MF_SCALE_FACTOR = 0.18215

@@ -1,4 +1,4 @@
-"""2-D toy distributions for tests and small-scale fidelity runs (OBJECTIVES.md, "2-D toys").
+"""2-D toy distributions for tests and small-scale fidelity runs (docs/objectives.md, "2-D toys").
 
 All six lie roughly in [-4, 4]^2 so one model, one plot range and one sliced-Wasserstein scale fit every toy.
 Pure torch; every random number comes from the caller's ``torch.Generator``, so a sample is a pure function of
@@ -91,7 +91,7 @@ def marginal_velocity_oracle(name: str, n: int = 8192, seed: int = 0) -> Callabl
                                                                                   torch.Tensor]:
     """v(z, t) = E[e − x | z_t = z] for z_t = (1 − t)·x + t·e, e ~ N(0, I): the marginal velocity of toy ``name``,
     by self-normalised weights p(z | x_i) over ``n`` of its samples (exact for the n-point distribution; in 2-D
-    close to the toy's own). Feeds the exact β* diagnostic of tangent_beta (OBJECTIVES.md §6). Needs t > 0."""
+    close to the toy's own). Feeds the exact β* diagnostic of tangent_beta (docs/objectives.md, tangent_beta). Needs t > 0."""
     points = sample_toy(name, n, torch.Generator().manual_seed(seed))
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ def decode_latents(vae: LoadedVAE, latents: torch.Tensor, chunk: int = DECODE_CH
 
 
 def normalization_block(vae: LoadedVAE) -> dict:
-    """Both normalisations the objectives use (OBJECTIVES.md): MF's single scale and iMF's per-channel stats.
+    """Both normalisations the objectives use (docs/objectives.md, imf): MF's single scale and iMF's per-channel stats.
     iMF's published numbers describe SD-VAE latents; for any other VAE use data.latent_norm=measured (the
     writer also stores the statistics it measured on this data)."""
     block = {"mf": {"scale_factor": vae.scale_factor}}

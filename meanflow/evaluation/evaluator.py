@@ -2,7 +2,7 @@
 
 What is measured depends on the data:
 - 2-D toys: SW1/SW2 of ``eval.num_samples`` 1-NFE (or k-NFE) samples against fresh real samples (500 directions,
-  seed 0: OBJECTIVES.md), and a scatter plot;
+  seed 0: docs/objectives.md), and a scatter plot;
 - images (pixels, or latents decoded through ``eval.vae``): FID and IS from a torch-fidelity feature extractor
   (``eval.feature_extractor``; ``digits-cnn`` for the embedded digits, ``inception-v3-compat`` otherwise) against
   ``eval.reference_stats``; for class-conditional digits also the share classified as the requested class; a grid of

@@ -1,4 +1,4 @@
-"""Sliced Wasserstein distance between two equal-size point sets (the 2-D toy metric, OBJECTIVES.md "2-D toys").
+"""Sliced Wasserstein distance between two equal-size point sets (the 2-D toy metric, docs/objectives.md "2-D toys").
 
 SW_p(a, b) = ( mean_theta  W_p^p(<a, theta>, <b, theta>) )^(1/p), theta uniform on the unit sphere. In 1-D the
 optimal coupling of two equal-size sets pairs the sorted projections, so W_p^p = mean |sort(a.theta) - sort(b.theta)|^p.

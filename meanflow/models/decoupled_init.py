@@ -1,4 +1,4 @@
-"""``model.init_from``: start a model from a flow model's weights (OBJECTIVES.md §9, Decoupled MeanFlow).
+"""``model.init_from``: start a model from a flow model's weights (docs/objectives.md, dmf).
 
 A decoupled MF-DiT has the standard one's parameters plus the log-variance head. Every block, whether it will see t
 or r, loads the same-named block of the flow model: one time embedder serves both, and emb_h is evaluated at 0 as

@@ -1,10 +1,10 @@
-"""MF-DiT: DiT with adaLN-zero conditioning on (t, h = t - r, y), as used by MeanFlow (OBJECTIVES.md §2).
+"""MF-DiT: DiT with adaLN-zero conditioning on (t, h = t - r, y), as used by MeanFlow (docs/objectives.md).
 
 Follows facebookresearch/DiT `models.py` layer by layer; the differences are a second timestep embedder for
 h = t - r, no learned sigma (out channels = in channels), no label dropout inside the model, and the fixed
 position embedding kept as a buffer rather than a frozen parameter.
 
-``conditioning="decoupled"`` is Decoupled MeanFlow's flow map (OBJECTIVES.md §9, kyungmnlee/dmf ``DMFT``): the
+``conditioning="decoupled"`` is Decoupled MeanFlow's flow map (docs/objectives.md, dmf; kyungmnlee/dmf ``DMFT``): the
 first ``dmf_depth`` blocks see t, the rest and the final layer see r, through one time embedder.
 """
 

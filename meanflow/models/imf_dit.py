@@ -1,4 +1,4 @@
-"""iMF-DiT: in-context conditioning on (y, omega, t_min, t_max, h = t - r), as used by improved MeanFlow (§5).
+"""iMF-DiT: in-context conditioning on (y, omega, t_min, t_max, h = t - r), as used by improved MeanFlow (docs/objectives.md, imf).
 
 The conditions enter as a token prefix [8 class | 4 omega | 2 t_min | 2 t_max | 4 h] in front of the image patches;
 the prefix outputs are discarded. The model sees h = t - r only, never t itself. Blocks are "modern" (pre-RMSNorm,

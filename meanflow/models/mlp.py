@@ -1,4 +1,4 @@
-"""ToyMLP: the velocity model for the 2-D toy data sets (OBJECTIVES.md, "2-D toys")."""
+"""ToyMLP: the velocity model for the 2-D toy data sets (docs/objectives.md, "2-D toys")."""
 
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ from .imf_dit import IMFDiT
 from .mlp import ToyMLP
 
 # --------------------------------------------------------------------------------------------------------------
-# Size registry: (depth, width, heads). MF and iMF name different shapes by the same letters (OBJECTIVES §2, §5).
+# Size registry: (depth, width, heads). MF and iMF name different shapes by the same letters (docs/objectives.md).
 # --------------------------------------------------------------------------------------------------------------
 
 MF_DIT_SIZES = {

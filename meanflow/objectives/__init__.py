@@ -1,4 +1,4 @@
-"""Training objectives of the MeanFlow family (OBJECTIVES.md) and their samplers.
+"""Training objectives of the MeanFlow family (docs/objectives.md) and their samplers.
 
 Each objective is ``objective(model, batch, step, ctx) -> (loss, stats)``; build one from config with
 ``build_objective``. Every JVP goes through ``meanflow.objectives.jvp``.

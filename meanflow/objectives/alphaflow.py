@@ -1,4 +1,4 @@
-"""α-Flow (``alphaflow``, OBJECTIVES.md §7): a curriculum from trajectory flow matching (α = 1) to MeanFlow (α = 0).
+"""α-Flow (``alphaflow``, docs/objectives.md; arXiv 2510.20771): a curriculum from trajectory flow matching (α = 1) to MeanFlow (α = 0).
 
 Rows: ``share_fm`` of the global batch (spread over it) have r = t and regress ``u_θ(z, t, t)`` on ṽ (MF's training-CFG
 velocity); the others draw r < t from ``objective.time``. On those, for 0 < α ≤ 1,
@@ -99,7 +99,7 @@ class AlphaFlow(Objective):
                      alpha=torch.tensor(float(alpha), device=loss.device),
                      branch=torch.tensor(float(branch), device=loss.device))
         if dudt is not None:
-            # Only where a JVP was taken (OBJECTIVES.md: every objective reports it so); the guard restarts its
+            # Only where a JVP was taken (as every objective reports it); the guard restarts its
             # windows when `branch` changes, so the new statistic starts a window of its own.
             stats["jvp_norm"] = masked_mean(per_sample_norm(dudt), interval)
         return ObjectiveOutput(loss, stats, z=z, t=t, r=r, u=u, model_kwargs={"y": y_model}, v_c=nb.v_c)

@@ -1,6 +1,6 @@
 """What every objective shares: the call contract, the context, and small helpers.
 
-Contract (DESIGN.md): ``objective(model, batch, step, ctx) -> (loss, stats)``; pure (no optimizer, storage,
+Contract: ``objective(model, batch, step, ctx) -> (loss, stats)``; pure (no optimizer, storage,
 process group or ``.backward()``); ``stats`` is a dict of 0-d tensors with ``loss`` and ``u_norm`` always and
 ``jvp_norm`` where a JVP was taken.
 """
@@ -80,7 +80,7 @@ def expand_like(s_B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_sq(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares over every element of a sample (OBJECTIVES.md: sum, not mean, over C·H·W)."""
+    """Sum of squares over every element of a sample (sum, not mean, over C·H·W: docs/objectives.md, conventions)."""
     return x.pow(2).flatten(1).sum(1)
 
 
@@ -132,7 +132,7 @@ def drop_labels(y: Optional[torch.Tensor], rand: StepRandom, p: float, num_class
 
 @dataclass
 class NoisedBatch:
-    """One step's draws on a batch (OBJECTIVES.md, conventions): ``z_t = (1 − t)·x + t·e``, ``v_c = e − x``."""
+    """One step's draws on a batch (docs/objectives.md, conventions): ``z_t = (1 − t)·x + t·e``, ``v_c = e − x``."""
 
     x: torch.Tensor
     e: torch.Tensor                    # N(0, I), shaped like x

@@ -1,4 +1,4 @@
-"""The β* diagnostic of the control-variate tangent (OBJECTIVES.md §6).
+"""The β* diagnostic of the control-variate tangent (docs/objectives.md, tangent_beta).
 
 With ``J = (t − r)·∂_z u − I``: exact (isotropic) ``β* = a/(a+1) · σ²_d/(σ²_d + ‖b‖²)``, where a is J's isotropic
 scale (Hutchinson: ``a ≈ ⟨ε, Jε⟩/‖ε‖²``), σ²_d the conditional-velocity noise ``E‖v_c − v‖²`` and b = v̂ − v the

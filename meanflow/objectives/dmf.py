@@ -1,4 +1,4 @@
-"""Decoupled MeanFlow (``dmf``, OBJECTIVES.md §9; official code kyungmnlee/dmf ``loss.py``).
+"""Decoupled MeanFlow (``dmf``, docs/objectives.md; arXiv 2510.24474; official code kyungmnlee/dmf ``loss.py``).
 
 Every sample feeds two branches, each with its own noise and times:
 - flow matching: r = t, t ~ LN(fm_mu, fm_sigma), target ṽ;

@@ -1,6 +1,6 @@
 """Training-time classifier-free guidance targets.
 
-MF (OBJECTIVES.md, building blocks): inside ``t ∈ [t_start, t_end]`` and for kept labels,
+MF (docs/objectives.md, "Training-time guidance"): inside ``t ∈ [t_start, t_end]`` and for kept labels,
 ``ṽ = ω·v_c + κ·u_θ(z,t,t|y) + (1 − ω − κ)·u_θ(z,t,t|∅)``, else ``ṽ = v_c``; the two extra forwards take no grad.
 """
 

@@ -1,4 +1,4 @@
-"""Improved MeanFlow (``imf``, OBJECTIVES.md §5).
+"""Improved MeanFlow (``imf``, docs/objectives.md; arXiv 2512.02012).
 
 ``V_θ = u_θ(z, r, t) + (t − r)·sg(du/dt)`` with tangents dz = v_θ, dt = 1, dr = 0; ``L_u = sg(w)·‖V_θ − v_g‖²``;
 with a v-head also ``L_v = sg(w)·‖v_head − v_g‖²``. Guidance Ω = (ω, t_min, t_max) is a model condition drawn per
@@ -8,9 +8,9 @@ sample; the guided target ``v_g = v_c + (1 − 1/ω̃)·(v_θ(z,t|y,ω̃) − v_
 ``tangent``: ``v_head`` (default, needs a model built with a v-head), ``boundary`` (u_θ(z, t, t)), or ``v_c``
 (the conditional velocity: with ω ≡ 1 this is exactly MF — the equivalence iMF proves; kept as an ablation).
 
-Deviation (stated, not hidden): OBJECTIVES.md says the conditional no-grad forward uses the *undropped* label and
-doubles as the tangent. For rows whose label was dropped, u is the unconditional model, so its characteristic is
-v(z|∅); we use the unconditional forward as the tangent on those rows (their target is v_c either way).
+The conditional no-grad forward uses the *undropped* label and doubles as the tangent on kept-label rows. For rows
+whose label was dropped, u is the unconditional model, so its characteristic is v(z|∅): the unconditional forward
+is the tangent on those rows (their target is v_c either way).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The one JVP helper every objective uses.
 
-Built on ``torch.autograd.forward_ad`` (DESIGN.md: the one mechanism every engine can support). Tangents are
+Built on ``torch.autograd.forward_ad`` (the one mechanism every engine can support). Tangents are
 given *by name* — ``jvp(fn, dict(z=z, t=t, r=r), dict(z=v, t=1, r=0))`` — because a positional (t, r) vs (r, t)
-mix-up is the classic MeanFlow bug (OBJECTIVES.md, MF ablation: wrong tangents give FID 268-329 instead of 61).
+mix-up is the classic MeanFlow bug (the MF paper's ablation: wrong tangents give FID 268-329 instead of 61).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def jvp(fn: Callable[..., Any], primals: Mapping[str, torch.Tensor | None],
 
     ``rows`` (bool, (B,)): only these rows need the tangent. The others get a plain forward and a tangent of 0 —
     what every objective multiplies it by there (t − r = 0) — so the tangent pass costs only the rows with r ≠ t
-    (issue 8: ~1F × share of such rows instead of 1F). Every tensor primal and tangent is then split along dim 0;
+    (~1F × share of such rows instead of 1F). Every tensor primal and tangent is then split along dim 0;
     ``fn`` must accept a batch of 0 rows.
     """
     unknown = set(tangents) - set(primals)

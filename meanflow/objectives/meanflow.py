@@ -1,11 +1,11 @@
 """MeanFlow (``mf``) and the objectives that change one piece of it.
 
-MF (OBJECTIVES.md §2): ``(u, du/dt) = jvp(u_θ(z, r, t), dz = ṽ, dt = 1, dr = 0)``,
+MF (docs/objectives.md, mf): ``(u, du/dt) = jvp(u_θ(z, r, t), dz = ṽ, dt = 1, dr = 0)``,
 ``L = sg(w)·‖u − sg(ṽ − (t − r)·du/dt)‖²``.
 
 Two seams let the variants stay one class each, not copies:
-- ``jvp_grad_weight(step)`` — λ of SG_λ (Modular MeanFlow, §3); 0 for MF, where the JVP term is fully stopped.
-- ``tangent(...)`` — the JVP tangent for dz; ṽ for MF, the control-variate mix for ``tangent_beta`` (§6).
+- ``jvp_grad_weight(step)`` — λ of SG_λ (Modular MeanFlow); 0 for MF, where the JVP term is fully stopped.
+- ``tangent(...)`` — the JVP tangent for dz; ṽ for MF, the control-variate mix for ``tangent_beta``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class MeanFlow(Objective):
 
 
 class SGLambda(MeanFlow):
-    """Modular MeanFlow: λ(step) from 0 to 1 by a linear or cosine curriculum (OBJECTIVES.md §3)."""
+    """Modular MeanFlow: λ(step) from 0 to 1 by a linear or cosine curriculum (docs/objectives.md, sg_lambda)."""
 
     logs_lambda = True
 

@@ -1,4 +1,4 @@
-"""Flow-map and consistency samplers (OBJECTIVES.md conventions), on a grid of times from 1 (noise) down to 0 (data).
+"""Flow-map and consistency samplers (docs/objectives.md, conventions), on a grid of times from 1 (noise) down to 0 (data).
 
 flow_map: ``z ← z − (t_i − t_{i+1})·u(z, r=t_{i+1}, t=t_i)``; with one step the 1-NFE ``x̂ = z_1 − u(z_1, r=0, t=1)``.
 consistency (α-Flow's multi-step sampler): ``x̂ = z − t_i·u(z, r=0, t=t_i)``, then re-noise to the next time,

@@ -1,4 +1,4 @@
-"""SplitMeanFlow (``split_mf``, OBJECTIVES.md §8; arXiv 2507.16884): average velocities by interval splitting, no JVP.
+"""SplitMeanFlow (``split_mf``, docs/objectives.md; arXiv 2507.16884): average velocities by interval splitting, no JVP.
 
 For r ≤ s ≤ t, ``(t − r)·u(z_t, r, t) = (s − r)·u(z_s, r, s) + (t − s)·u(z_t, s, t)``. With ``s = (1 − λ)·t + λ·r``
 (so t − s = λ·(t − r), s − r = (1 − λ)·(t − r)) this reads ``u(z_t, r, t) = (1 − λ)·u(z_s, r, s) + λ·u(z_t, s, t)``.

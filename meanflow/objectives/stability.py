@@ -1,4 +1,4 @@
-"""Non-expansivity regulariser — Stable MeanFlow (OBJECTIVES.md §4), composable with any base objective.
+"""Non-expansivity regulariser — Stable MeanFlow (docs/objectives.md, stability), composable with any base objective.
 
 One-step map ``φ(z) = z − (t − r)·u_θ(z, r, t)``; perturbation ``Δz = δ·ξ/‖ξ‖``;
 ``ℓ_stab = max(0, ‖Δz − (t − r)·Δu‖ − ‖Δz‖)²``; ``L = L_base + μ(step)·ℓ_stab``. Zero wherever φ does not expand.

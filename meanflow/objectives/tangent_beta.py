@@ -1,4 +1,4 @@
-"""Control-variate tangent (``tangent_beta``, OBJECTIVES.md §6).
+"""Control-variate tangent (``tangent_beta``, docs/objectives.md; arXiv 2605.09235).
 
 The conditional velocity is both the regression target (unbiased) and the JVP tangent, where its noise is
 amplified by the Jacobian. Use the tangent ``(1 − β)·ṽ + β·v̂`` with a deterministic proxy v̂ (EMA model's
@@ -18,7 +18,7 @@ from .meanflow import MeanFlow
 
 
 class TangentBeta(MeanFlow):
-    needs_marginal_velocity = True   # the exact β* diagnostic (§6), where the data knows its marginal velocity
+    needs_marginal_velocity = True   # the exact β* diagnostic, where the data knows its marginal velocity
 
     def proxy_velocity(self, model, z, t, y, ctx) -> torch.Tensor:
         kind = self.cfg.tangent_beta.proxy

@@ -1,7 +1,7 @@
 """(t, r) pairs: t, r i.i.d. logit-normal(μ, σ) (or uniform), swapped so t ≥ r, then r := t on a fixed share
 spread evenly over the global batch.
 
-OBJECTIVES.md, "Building blocks". t = 0 is data, t = 1 is noise.
+docs/objectives.md, "(t, r) sampler". t = 0 is data, t = 1 is noise.
 """
 
 from __future__ import annotations

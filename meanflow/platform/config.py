@@ -89,7 +89,7 @@ class ModelConfig:
     family: str = "mf_dit"
     """mf_dit (adaLN-zero, MF), imf_dit (in-context tokens, iMF), or mlp (2-D toys)."""
     size: str = "tiny"
-    """tiny (CPU), S, B, M, L, XL. MF-DiT and iMF-DiT share names but not shapes (OBJECTIVES.md)."""
+    """tiny (CPU), S, B, M, L, XL. MF-DiT and iMF-DiT share names but not shapes (docs/objectives.md)."""
     patch_size: int = 2
     """Patch size: 2, 4 or 8."""
     image_size: int = bounded(8, ge=1)
@@ -281,11 +281,11 @@ class ObjectiveConfig:
     tangent_beta: TangentBetaConfig = field(default_factory=TangentBetaConfig)
     """Control-variate tangent options."""
     alphaflow: AlphaFlowConfig = field(default_factory=AlphaFlowConfig)
-    """α-Flow options (OBJECTIVES.md §7)."""
+    """α-Flow options (docs/objectives.md, alphaflow)."""
     split_mf: SplitMeanFlowConfig = field(default_factory=SplitMeanFlowConfig)
-    """SplitMeanFlow options (§8)."""
+    """SplitMeanFlow options (docs/objectives.md, split_mf)."""
     dmf: DecoupledMeanFlowConfig = field(default_factory=DecoupledMeanFlowConfig)
-    """Decoupled MeanFlow options (§9; the model needs model.conditioning=decoupled)."""
+    """Decoupled MeanFlow options (docs/objectives.md, dmf; the model needs model.conditioning=decoupled)."""
     jvp_all_rows: bool = False
     """Run the JVP's tangent pass on every row, as public ports do, instead of only the rows with r ≠ t (where
     t − r = 0 multiplies it away). The result is the same; for benchmarks and checks."""
@@ -462,7 +462,7 @@ class SamplingGuidance:
 @dataclass
 class EvalConfig:
     num_samples: int = bounded(50000, ge=1)
-    """Samples generated per evaluation (split over ranks by global index; 2-D toys: SW on 4096, OBJECTIVES.md)."""
+    """Samples generated per evaluation (split over ranks by global index; 2-D toys: SW on 4096, docs/objectives.md)."""
     nfe: int = bounded(1, ge=1)
     """Sampling steps (1-NFE by default)."""
     sampler: str = "flow_map"

@@ -25,7 +25,6 @@
 #   - accounting ($SLURM_ACCOUNTING, default 1): MariaDB + slurmdbd, so `sacct` answers;
 #   - the requeue kick: this SLURM holds a requeued batch job ~120 s (Reason=BeginTime) before it may start
 #     again, which would dominate every preemption test; a loop makes it eligible after 5 s.
-# Recipe and gotchas: ../shared/reference/ci_services.sh, feasibility.md §6.
 set -euo pipefail
 CMD=${1:-up}
 BASE=${SLURM_SVC_DIR:-/tmp/meanflow-slurm}
